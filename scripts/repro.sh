@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Main job: set up (if needed) and run the DVC pipeline on the embedded default.
+# Extra arguments go to `dvc repro` (e.g. a stage name, or -f).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+[ -d .git ] || git init -q
+exec .venv/bin/dvc repro "$@"
