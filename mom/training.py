@@ -1,0 +1,259 @@
+"""The fine-tuning loop of method.md section 6: re-embed, re-mine, SGD; with a
+checkpoint after every epoch and resume from the last finished one.
+
+The network being trained is split in two by the caller:
+
+- a frozen ``prefix`` (the first backbone blocks), run once over the training
+  pool; its outputs are the ``inputs`` here (on CPU this is what makes training
+  affordable: an epoch only runs the trainable suffix);
+- the trainable ``module`` (the last blocks, pooling, FC head, l2n), which maps
+  ``inputs[rows]`` to l2-normalized embeddings.
+
+With every block trainable the prefix is the identity and ``inputs`` are the
+preprocessed images. Batch-norm statistics stay frozen (the module is kept in
+``eval`` mode while its parameters train): batches of a few dozen tuples give
+poor statistics, and the cached prefix then stays exactly the network's.
+
+Determinism: the tuple draw and batch order of epoch ``e`` come from a
+generator seeded with ``(seed, e)``, so an interrupted run resumed from the
+checkpoint of epoch ``e - 1`` repeats exactly what the uninterrupted run did.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mom import artifacts
+from mom.losses import active_fraction, reduce_losses, tuple_losses
+from mom.tuples import Pools, Tuples, select_tuples
+
+log = logging.getLogger("mom")
+
+LOSS_KINDS = ("contrastive", "triplet")
+
+
+class Inputs(Protocol):
+    """Anything indexable by an int64 array of rows returning a float tensor
+    batch (a tensor of cached prefix outputs, or a lazy image loader)."""
+
+    def __getitem__(self, rows) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 10
+    batch_size: int = 42           # tuples per SGD step
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 10              # epochs between learning-rate decays
+    lr_gamma: float = 0.1
+    loss: str = "triplet"          # contrastive | triplet
+    margin: float = 0.5
+    weighted: bool = False         # multiply each tuple by s_m(anchor, positive)
+    negatives_nearest: int = 10
+    seed: int = 0
+    embed_batch_size: int = 512
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        positive_ints = ("epochs", "batch_size", "lr_step", "negatives_nearest", "embed_batch_size")
+        for name in positive_ints:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "margin", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
+
+
+def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of everything random in one epoch (tuples, batch order)."""
+    return np.random.default_rng([int(seed), int(epoch)])
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+@torch.no_grad()
+def run_in_batches(module: Callable, inputs, rows: np.ndarray, batch_size: int, progress: str | None = None) -> torch.Tensor:
+    """``module(inputs[rows])`` in batches, without gradients, concatenated."""
+    outputs = []
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        outputs.append(module(inputs[rows[start:start + batch_size]]))
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def embed_pool(module: torch.nn.Module, inputs: Inputs, n_items: int, items: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeddings ``(n_items, d)`` with row ``items[j]`` = module(inputs[j]);
+    rows of items outside the pool are zero (never read)."""
+    was_training = module.training
+    module.eval()
+    embedded = run_in_batches(module, inputs, np.arange(len(items)), batch_size).numpy()
+    module.train(was_training)
+    out = np.zeros((n_items, embedded.shape[1]), dtype=np.float32)
+    out[items] = embedded
+    return out
+
+
+def make_optimizer(module: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the trainable module has no parameter that requires a gradient")
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+
+
+def train_one_epoch(
+    module: torch.nn.Module,
+    inputs: Inputs,
+    items: np.ndarray,
+    chosen: Tuples,
+    optimizer: torch.optim.Optimizer,
+    config: TrainingConfig,
+    rng: np.random.Generator,
+) -> dict:
+    """One pass of SGD over the epoch's tuples in a random order.
+
+    Returns the mean per-tuple loss and the fraction of tuples with a non-zero
+    loss (both measured on the fly, before each step)."""
+    module.eval()  # frozen batch-norm statistics; parameters still train
+    order = rng.permutation(len(chosen))
+    total_loss, total_active = 0.0, 0.0
+    for start in range(0, len(order), config.batch_size):
+        batch = chosen.subset(order[start:start + config.batch_size])
+        rows = np.searchsorted(items, np.concatenate([batch.anchor, batch.positive, batch.negative]))
+        anchor, positive, negative = module(inputs[rows]).chunk(3)
+        weights = torch.from_numpy(batch.weight) if config.weighted else None
+        losses = tuple_losses(config.loss, anchor, positive, negative, config.margin, weights)
+        optimizer.zero_grad(set_to_none=True)
+        reduce_losses(losses, "mean").backward()
+        optimizer.step()
+        total_loss += float(losses.detach().sum())
+        total_active += active_fraction(losses.detach()) * len(losses)
+    return {"loss": total_loss / len(chosen), "active": total_active / len(chosen)}
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+def save_training_state(path: str | Path, state: dict) -> None:
+    """Write a training checkpoint atomically (a kill leaves the previous one)."""
+    with artifacts.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: str | Path, fingerprint: str) -> dict | None:
+    """The checkpoint at ``path`` if it exists and belongs to the same run
+    (same ``fingerprint`` of inputs and options); otherwise None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # a corrupt checkpoint is only a lost head start
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, error)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("checkpoint %s belongs to other inputs or options: starting afresh", path)
+        return None
+    return state
+
+
+def _capture_state(module, optimizer, scheduler, epoch, history, fingerprint, extra) -> dict:
+    return {
+        "fingerprint": fingerprint,
+        "epoch": epoch,  # epochs finished
+        "module": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+        **extra,
+    }
+
+
+def fit(
+    module: torch.nn.Module,
+    inputs: Inputs,
+    items: np.ndarray,
+    n_items: int,
+    pools: Pools,
+    config: TrainingConfig,
+    checkpoint_path: str | Path | None = None,
+    fingerprint: str = "",
+    checkpoint_extra: dict | None = None,
+    validate: Callable[[torch.nn.Module], dict] | None = None,
+) -> list[dict]:
+    """Fine-tune ``module`` for ``config.epochs`` epochs (method.md section 6).
+
+    ``items``: sorted item ids of the training pool, ``inputs[j]`` is item
+    ``items[j]``'s input; ``n_items``: size of the split (item ids < n_items).
+    Every epoch: embed the pool with the current module, select one tuple per
+    anchor (negatives re-mined among the nearest pool members), one SGD pass,
+    learning-rate step, optional ``validate(module) -> dict`` (added to the
+    epoch's log row), checkpoint. Resumes from ``checkpoint_path`` when it holds
+    a state with the same ``fingerprint``. Returns the log: one dict per epoch.
+    """
+    config.check()
+    items = np.asarray(items, dtype=np.int64)
+    if not np.all(np.diff(items) > 0) or len(items) != len(inputs):
+        raise ValueError("items must be strictly increasing with one input per item")
+    missing = np.setdiff1d(pools.items(), items)
+    if len(missing):
+        raise ValueError(f"{len(missing)} pool members have no input (first: {missing[0]})")
+    optimizer = make_optimizer(module, config)
+    scheduler = make_scheduler(optimizer, config)
+    history: list[dict] = []
+    first_epoch = 0
+    state = load_training_state(checkpoint_path, fingerprint) if checkpoint_path else None
+    if state is not None:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history, first_epoch = list(state["history"]), int(state["epoch"])
+        log.info("resuming after epoch %d of %d from %s", first_epoch, config.epochs, checkpoint_path)
+    for epoch in range(first_epoch, config.epochs):
+        start = time.perf_counter()
+        rng = epoch_generator(config.seed, epoch)
+        torch.manual_seed(int(rng.integers(2**62)))
+        embeddings = embed_pool(module, inputs, n_items, items, config.embed_batch_size)
+        chosen = select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(module, inputs, items, chosen, optimizer, config, rng))
+        scheduler.step()
+        if validate is not None:
+            row.update(validate(module))
+        history.append(row)
+        log.info("epoch %d/%d: %s (%.1f s)", epoch + 1, config.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), time.perf_counter() - start)
+        if checkpoint_path:
+            save_training_state(checkpoint_path, _capture_state(
+                module, optimizer, scheduler, epoch + 1, history, fingerprint, checkpoint_extra or {}))
+    return history
+
+
+def config_dict(config: TrainingConfig) -> dict:
+    return asdict(config)

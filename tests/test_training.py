@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+
+from mom import training
+from mom.tuples import build_pools
+
+
+class StandIn(torch.nn.Module):
+    """A small trainable suffix: linear + ReLU + linear, l2-normalized."""
+
+    def __init__(self, d_in=8, d_out=4, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.hidden = torch.nn.Linear(d_in, 16)
+        self.out = torch.nn.Linear(16, d_out)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.out(torch.relu(self.hidden(x))), dim=1)
+
+
+def synthetic_problem(seed=0, n_classes=4, per_class=20, d=8):
+    """Inputs: class centre in two dims, the rest strong nuisance noise.
+    Pools from the labels (P+ same class, P- other class): the stand-in for
+    mined pools, so training should make classes compact."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    centres = rng.normal(size=(n_classes, 2)) * 2
+    inputs = np.concatenate([centres[labels] + rng.normal(size=(len(labels), 2)) * 0.3,
+                             rng.normal(size=(len(labels), d - 2)) * 3], axis=1).astype(np.float32)
+    rows = []
+    for anchor in range(len(labels)):
+        same = [j for j in np.flatnonzero(labels == labels[anchor]) if j != anchor][:5]
+        other = np.flatnonzero(labels != labels[anchor])[::3][:15]
+        rows += [(anchor, j, "positive", r + 1, 0.5 + 0.1 * r) for r, j in enumerate(same)]
+        rows += [(anchor, j, "negative", r + 1, 0.0) for r, j in enumerate(other)]
+    anchor, member, kind, rank, weight = map(np.array, zip(*rows))
+    pools = build_pools(anchor, member, kind, rank, weight)
+    return torch.from_numpy(inputs), labels, pools
+
+
+def small_config(**changes):
+    values = dict(epochs=4, batch_size=8, lr=0.05, lr_step=3, margin=0.5, seed=1, embed_batch_size=16)
+    values.update(changes)
+    return training.TrainingConfig(**values)
+
+
+def run(config, checkpoint=None, validate=None, seed=0):
+    torch.manual_seed(0)
+    inputs, labels, pools = synthetic_problem()
+    module = StandIn(seed=seed)
+    items = np.arange(len(inputs))
+    history = training.fit(module, inputs, items, len(items), pools, config,
+                           checkpoint_path=checkpoint, fingerprint="f", validate=validate)
+    return module, history
+
+
+@pytest.mark.parametrize("loss,weighted", [("triplet", False), ("triplet", True), ("contrastive", False)])
+def test_fit_lowers_the_loss(loss, weighted):
+    config = small_config(epochs=6, loss=loss, weighted=weighted, margin=0.5 if loss == "triplet" else 0.7)
+    _, history = run(config)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(0.0 <= row["active"] <= 1.0 for row in history)
+    # step schedule: lr x0.1 after lr_step = 3 epochs
+    assert history[2]["lr"] == pytest.approx(0.05) and history[3]["lr"] == pytest.approx(0.005)
+
+
+def test_training_is_deterministic():
+    first, history_a = run(small_config())
+    second, history_b = run(small_config())
+    assert history_a == history_b
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_and_ends_the_same(tmp_path):
+    uninterrupted, history_full = run(small_config())
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_in_epoch_3(module):
+        if len(calls) == 2:
+            raise Interrupt  # epoch 3 dies before its checkpoint
+        calls.append(1)
+        return {}
+
+    calls = []
+    checkpoint = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        run(small_config(), checkpoint=checkpoint, validate=crash_in_epoch_3)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 2
+
+    resumed, history = run(small_config(), checkpoint=checkpoint, seed=99)  # other init: must be overwritten
+    assert history == history_full
+    for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_run_is_ignored(tmp_path):
+    checkpoint = tmp_path / "state.pt"
+    run(small_config(epochs=2), checkpoint=checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    assert training.load_training_state(checkpoint, "other") is None
+    assert training.load_training_state(checkpoint, "f")["epoch"] == state["epoch"] == 2
+    checkpoint.write_bytes(b"garbage")
+    assert training.load_training_state(checkpoint, "f") is None
+
+
+def test_validate_rows_join_the_log():
+    _, history = run(small_config(epochs=2), validate=lambda module: {"val_recall_at_1": 0.5})
+    assert all(row["val_recall_at_1"] == 0.5 for row in history)
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="loss"):
+        small_config(loss="hinge").check()
+    with pytest.raises(ValueError, match="batch_size"):
+        small_config(batch_size=0).check()
+
+
+def test_embed_pool_scatters_rows_by_item():
+    module = StandIn()
+    inputs = torch.randn(3, 8)
+    out = training.embed_pool(module, inputs, n_items=6, items=np.array([1, 4, 5]), batch_size=2)
+    assert out.shape == (6, 4)
+    assert np.allclose(out[[0, 2, 3]], 0)
+    with torch.no_grad():
+        assert np.allclose(out[[1, 4, 5]], module(inputs).numpy(), atol=1e-6)
