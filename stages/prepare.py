@@ -1,0 +1,145 @@
+"""Stage ``prepare``: read a dataset's released layout, write packed image stores.
+
+Writes ``<out-dir>/<split>/{manifest.parquet,pixels.npy}`` for every split of
+the source (``train``, ``val``, ``test``) and ``<out-dir>/report.json`` (counts
+per split and class, skipped files with the reason).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from mom import artifacts
+from mom.datasets import PreparedDataset
+from mom.datasets.fashion_mnist import prepare_fashion_mnist
+from mom.datasets.folder import prepare_folder
+from mom.errors import InputError
+from mom.imagestore import ImageStore, write_image_store
+from stages._cli import stage_command, timed
+
+log = logging.getLogger("mom")
+
+SOURCES = ("fashion-mnist", "folder")
+# Split folders any source may write; those the chosen source does not write
+# are removed so a previous run's splits never linger beside the new ones.
+KNOWN_SPLITS = ("train", "val", "test", "query", "database")
+GROUND_TRUTH = "ground_truth.parquet"
+
+
+class OptionalCount(click.ParamType):
+    """A non-negative int, or ``none``/``null``/``all`` (= 0: no limit)."""
+
+    name = "count"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value is None:
+            return value or 0
+        if str(value).strip().lower() in ("none", "null", "all", "~", ""):
+            return 0
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or none", param, ctx)
+
+
+def load_source(options: dict) -> PreparedDataset:
+    """Validate the options of the chosen source and build its splits (lazily)."""
+    source = options["source"]
+    if source == "fashion-mnist":
+        return prepare_fashion_mnist(
+            options["root"],
+            train_classes=options["train_classes"],
+            test_classes=options["test_classes"],
+            per_class=options["per_class"],
+            val_per_class=options["val_per_class"],
+            seed=options["seed"],
+        )
+    if source == "folder":
+        return prepare_folder(
+            options["root"],
+            test_root=options["test_root"] or None,
+            labels_from_folders=options["labels_from_folders"],
+            max_side=options["max_side"],
+            workers=options["workers"],
+        )
+    raise InputError(f"source: unknown source {source!r}; allowed: {', '.join(SOURCES)}")
+
+
+def remove_stale_outputs(out_dir: Path, keep: set[str], keep_ground_truth: bool) -> None:
+    for split in KNOWN_SPLITS:
+        folder = out_dir / split
+        if split not in keep and folder.is_dir():
+            shutil.rmtree(folder)
+    if not keep_ground_truth:
+        (out_dir / GROUND_TRUTH).unlink(missing_ok=True)
+
+
+def split_counts(store: ImageStore) -> dict:
+    labels = store.labels
+    names = store.class_names
+    per_class = {names.get(label, str(label)): int((labels == label).sum()) for label in sorted(set(labels.tolist())) if label >= 0}
+    return {"count": len(store), "unlabeled": int((labels < 0).sum()), "classes": per_class}
+
+
+def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
+    counts = {}
+    for split, stream in dataset.splits.items():
+        with timed(f"wrote split {split}"):
+            images = tqdm(stream.images(), total=stream.expected, desc=f"prepare {split}", unit="img", leave=False)
+            write_image_store(out_dir / split, images, stream.columns)
+        store = ImageStore.open(out_dir / split)
+        counts[split] = split_counts(store)
+        log.info("%s: %d items (%d unlabeled)", split, counts[split]["count"], counts[split]["unlabeled"])
+    return counts
+
+
+@click.command()
+@click.option("--source", type=click.Choice(SOURCES), default="fashion-mnist", show_default=True,
+              help="dataset layout to read")
+@click.option("--root", default="/usr/share/datasets/fashion-mnist", show_default=True,
+              help="directory holding the dataset (folder source: the training images)")
+@click.option("--train_classes", type=int, multiple=True, default=(5, 6, 7, 8, 9), show_default=True,
+              help="fashion-mnist: classes of the unlabeled training collection (repeat the option)")
+@click.option("--test_classes", type=int, multiple=True, default=(0, 1, 2, 3, 4), show_default=True,
+              help="fashion-mnist: held-out test classes (repeat the option)")
+@click.option("--per_class", type=OptionalCount(), default=1200, show_default=True,
+              help="fashion-mnist: images drawn per class for train and test (0 or none = all)")
+@click.option("--val_per_class", type=int, default=200, show_default=True,
+              help="fashion-mnist: validation images per training class, disjoint from train")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the per-class subsampling")
+@click.option("--labels_from_folders/--no-labels_from_folders", default=False, show_default=True,
+              help="folder: the first sub-folder name is the class (evaluation only)")
+@click.option("--max_side", type=int, default=512, show_default=True,
+              help="folder: downscale images whose longer side exceeds this (0 = keep)")
+@click.option("--test_root", default="", show_default=True,
+              help="folder: optional directory of test images (empty = no test split)")
+@click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/prepared", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="folder: decoding processes (0 = all cores); does not change the output")
+@stage_command("prepare")
+def main(**options):
+    """Write the image stores of the train/val/test splits and report.json."""
+    options["workers"] = options["workers"] or os.cpu_count() or 1
+    out_dir = Path(options.pop("out_dir"))
+    dataset = load_source(options)
+    remove_stale_outputs(out_dir, set(dataset.splits), dataset.ground_truth is not None)
+    counts = write_splits(dataset, out_dir)
+    if dataset.rejected:
+        log.warning("skipped %d files (listed in %s)", len(dataset.rejected), out_dir / "report.json")
+    if counts.get("train", {}).get("count", 1) == 0:
+        raise InputError(f"root: {options['root']} holds no readable image ({len(dataset.rejected)} files skipped)")
+    if dataset.ground_truth is not None:
+        artifacts.save_parquet(out_dir / GROUND_TRUTH, dataset.ground_truth)
+    report = {"source": dataset.source, "splits": counts, **dataset.info,
+              "rejected_count": len(dataset.rejected),
+              "rejected": sorted(dataset.rejected, key=lambda entry: (entry.get("split", ""), entry["path"]))}
+    artifacts.save_json(out_dir / "report.json", report)
+
+
+if __name__ == "__main__":
+    main()
