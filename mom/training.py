@@ -155,6 +155,80 @@ def train_one_epoch(
     return {"loss": total_loss / len(chosen), "active": total_active / len(chosen)}
 
 
+# ------------------------------------------------------------ network split
+
+
+class SquarePixels:
+    """Items of an image store as float RGB pixels ``(B, 3, size, size)`` in
+    [0, 255] (bilinear, antialiased resize; grayscale replicated): fixed-size
+    training inputs, so a frozen prefix's outputs stack into one tensor.
+    ``self[rows]`` loads ``items[rows]``."""
+
+    def __init__(self, store, items: np.ndarray, size: int):
+        self.store, self.items, self.size = store, np.asarray(items, dtype=np.int64), int(size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        images = [self._resized(self.store[item]) for item in self.items[np.asarray(rows)]]
+        return torch.cat(images) if images else torch.empty(0, 3, self.size, self.size)
+
+    def _resized(self, image: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        if pixels.shape[2:] != (self.size, self.size):
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return pixels.clamp(0, 255)
+
+
+class NetworkSuffix(torch.nn.Module):
+    """The trainable part of an ``EmbeddingNet``: trunk stages ``start..``,
+    pooling, head, l2n (``net.forward_from(x, start)``)."""
+
+    def __init__(self, net: torch.nn.Module, start: int):
+        super().__init__()
+        self.net, self.start = net, int(start)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_from(x, self.start)
+
+
+def trainable_start(n_stages: int, trainable_blocks: int | None) -> int:
+    """Index of the first trainable trunk stage: ``None`` = all stages train."""
+    if trainable_blocks is None:
+        return 0
+    if not 0 <= trainable_blocks <= n_stages:
+        raise ValueError(f"trainable_blocks must be in 0..{n_stages} or all, got {trainable_blocks}")
+    return n_stages - int(trainable_blocks)
+
+
+def split_for_finetuning(net: torch.nn.Module, trainable_blocks: int | None):
+    """Freeze the first trunk stages of ``net``; return ``(prefix, suffix)`` with
+    ``suffix(prefix(pixels)) == net(pixels)``. ``prefix`` maps pixels to the
+    input of the first trainable stage (pixels themselves when all train);
+    ``suffix`` holds every trainable parameter (last stages, pooling, head)."""
+    stages = net.trunk_blocks()
+    start = trainable_start(len(stages), trainable_blocks)
+    for parameter in net.parameters():
+        parameter.requires_grad_(True)
+    frozen = torch.nn.Sequential(*[module for _, module in stages[:start]])
+    freeze(frozen)
+    net.eval()
+
+    def prefix(pixels: torch.Tensor) -> torch.Tensor:
+        return frozen(net.normalize(pixels)) if start > 0 else pixels
+
+    return prefix, NetworkSuffix(net, start)
+
+
+def cache_prefix(prefix: Callable, pixels: Inputs, batch_size: int, desc: str | None = "frozen prefix") -> torch.Tensor:
+    """The frozen prefix's outputs for every row of ``pixels``, computed once."""
+    return run_in_batches(prefix, pixels, np.arange(len(pixels)), batch_size, progress=desc)
+
+
 # ------------------------------------------------------------ checkpoints
 
 

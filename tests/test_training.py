@@ -132,3 +132,30 @@ def test_embed_pool_scatters_rows_by_item():
     assert np.allclose(out[[0, 2, 3]], 0)
     with torch.no_grad():
         assert np.allclose(out[[1, 4, 5]], module(inputs).numpy(), atol=1e-6)
+
+
+def test_frozen_prefix_plus_trainable_suffix_is_the_network():
+    from mom import networks
+
+    net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, 16), seed=0)
+    pixels = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad():
+        whole = net(pixels)
+    prefix, suffix = training.split_for_finetuning(net, trainable_blocks=2)
+    assert suffix.start == len(net.trunk_blocks()) - 2
+    with torch.no_grad():
+        assert torch.allclose(suffix(prefix(pixels)), whole, atol=1e-5)
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("trunk.block6", "trunk.head", "head")) for name in trainable)
+    _, everything = training.split_for_finetuning(net, trainable_blocks=None)
+    assert everything.start == 0 and all(p.requires_grad for p in net.parameters())
+
+
+def test_square_pixels_resize_and_replicate_gray():
+    class Store:
+        def __getitem__(self, item):
+            return np.full((10, 20, 1), item, np.uint8)
+
+    batch = training.SquarePixels(Store(), np.array([3, 7]), size=8)[np.array([1, 0])]
+    assert batch.shape == (2, 3, 8, 8)
+    assert torch.allclose(batch[0], torch.full((3, 8, 8), 7.0)) and torch.allclose(batch[1], torch.full((3, 8, 8), 3.0))

@@ -1,0 +1,250 @@
+"""Stage ``finetune``: metric learning from the mined pools (method.md section 6).
+
+Reads the training images (``--train``), the pools of the ``mine`` stage
+(``--pools``) and the anchors (``--anchors``); optionally the validation split
+(``--val``, training classes' images, labels used only to log Recall@1).
+Writes ``<out-dir>/model.pt`` (``{"meta", "state_dict"}``: rebuilds with
+``mom.networks.load_checkpoint``), ``<out-dir>/log.tsv`` (one row per epoch:
+DVC plots) and ``<out-dir>/summary.json``.
+
+Resume: after every epoch the full training state is written to
+``<checkpoint-dir>/<fingerprint>.pt``, *outside* the stage's DVC outputs (DVC
+deletes declared outputs before running a stage unless they are
+``persist: true``, and a persistent output would be resumed even after the
+params or inputs changed). The fingerprint hashes the options and the input
+files, so a checkpoint is only resumed by the very run that wrote it; it is
+deleted once ``model.pt`` is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import click
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mom import artifacts, metrics, networks, training
+from mom.errors import InputError
+from mom.imagestore import ImageStore
+from mom.tuples import build_pools
+from stages._cli import require, stage_command, timed
+
+log = logging.getLogger("mom")
+
+POOL_COLUMNS = ("anchor", "member", "kind", "rank", "manifold_similarity")
+LOG_COLUMNS = ("epoch", "lr", "loss", "active", "val_recall_at_1")
+
+
+class TrainableBlocks(click.ParamType):
+    """A non-negative number of last trunk stages, or ``all``."""
+
+    name = "blocks"
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).strip().lower() == "all":
+            return None
+        try:
+            blocks = int(value)
+        except ValueError:
+            self.fail(f"trainable_blocks: {value!r} is not a number of blocks or 'all'", param, ctx)
+        if blocks < 0:
+            self.fail(f"trainable_blocks: must be >= 0 or 'all', got {blocks}", param, ctx)
+        return blocks
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def run_fingerprint(options: dict, inputs: list[Path]) -> str:
+    """Hash of the options and the bytes of every input file."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for path in inputs:
+        digest.update(f"{path.name}:{file_digest(path)}".encode())
+    return digest.hexdigest()
+
+
+def read_pools(path: Path, n_train: int):
+    table = artifacts.load_parquet(path)
+    missing = [name for name in POOL_COLUMNS if name not in table.column_names]
+    require(not missing, f"{path}: missing columns {missing} (expected {list(POOL_COLUMNS)})")
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in POOL_COLUMNS}
+    require(len(table) > 0, f"{path}: no pool members (run the mine stage)")
+    for name in ("anchor", "member"):
+        ids = columns[name]
+        require(ids.min() >= 0 and ids.max() < n_train,
+                f"{path}: column {name} has ids outside 0..{n_train - 1} of the train split")
+    try:
+        return build_pools(**columns)
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def read_anchor_ids(path: Path) -> np.ndarray:
+    table = artifacts.load_parquet(path, columns=["item"])
+    return table.column("item").to_numpy()
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    columns = [c for c in LOG_COLUMNS if any(c in row for row in history)]
+    lines = ["\t".join(columns)]
+    for row in history:
+        lines.append("\t".join(_format(row.get(column)) for column in columns))
+    artifacts.save_text(path, "\n".join(lines) + "\n")
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
+    """``validate(module) -> {"val_recall_at_1"}`` on cached validation inputs."""
+    def validate(module):
+        embedded = training.run_in_batches(module, net_suffix_inputs, np.arange(len(labels)), batch_size).numpy()
+        return {"val_recall_at_1": metrics.recall_at_k(embedded, labels, ks=(1,))[1]}
+    return validate
+
+
+@click.command()
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), default="data/prepared/train", show_default=True)
+@click.option("--val", "val_dir", type=click.Path(path_type=Path), default="data/prepared/val", show_default=True,
+              help="Validation split (training classes): Recall@1 per epoch. Empty string: none.")
+@click.option("--pools", "pools_path", type=click.Path(path_type=Path), default="data/mine/pools.parquet", show_default=True)
+@click.option("--anchors", "anchors_path", type=click.Path(path_type=Path), default="data/anchors/anchors.parquet", show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default="data/finetune", show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default="checkpoints/finetune", show_default=True,
+              help="Per-epoch training state for resuming (outside the DVC outputs).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--pooling", default="gem", show_default=True)
+@click.option("--gem_p", type=float, default=3.0, show_default=True)
+@click.option("--weights", default="", help="Local backbone weights file (default source when empty).")
+@click.option("--head_dim", type=int, default=64, show_default=True, help="FC output dim; 0: no head (retrieval).")
+@click.option("--trainable_blocks", type=TrainableBlocks(), default="2", show_default=True,
+              help="Last trunk stages that train (the rest is frozen and cached), or 'all'.")
+@click.option("--image_size", type=int, default=64, show_default=True, help="Training input side in pixels.")
+@click.option("--epochs", type=int, default=training.TrainingConfig.epochs, show_default=True)
+@click.option("--batch_size", type=int, default=training.TrainingConfig.batch_size, show_default=True)
+@click.option("--lr", type=float, default=training.TrainingConfig.lr, show_default=True)
+@click.option("--momentum", type=float, default=training.TrainingConfig.momentum, show_default=True)
+@click.option("--weight_decay", type=float, default=training.TrainingConfig.weight_decay, show_default=True)
+@click.option("--lr_step", type=int, default=training.TrainingConfig.lr_step, show_default=True)
+@click.option("--lr_gamma", type=float, default=training.TrainingConfig.lr_gamma, show_default=True)
+@click.option("--loss", default="triplet", show_default=True, help="triplet | contrastive")
+@click.option("--margin", type=float, default=0.5, show_default=True)
+@click.option("--weighted/--no-weighted", default=True, show_default=True,
+              help="Multiply each tuple's loss by the positive's manifold similarity.")
+@click.option("--negatives_nearest", type=int, default=10, show_default=True)
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Recall@1 on --val after each epoch.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch_size_embed", type=int, default=256, show_default=True, help="Images per forward pass when embedding.")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@stage_command("finetune")
+def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
+         head_dim, trainable_blocks, image_size, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
+         loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads):
+    config = training.TrainingConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
+        lr_gamma=lr_gamma, loss=loss, margin=margin, weighted=weighted, negatives_nearest=negatives_nearest,
+        seed=seed, embed_batch_size=batch_size_embed)
+    try:
+        config.check()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
+    require(image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
+    require(threads >= 0, f"threads: must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        meta = networks.make_meta(backbone, pooling, gem_p, head_dim or None)
+    except InputError as error:
+        raise InputError(f"backbone/pooling: {error}") from None
+
+    train_store = ImageStore.open(train_dir)
+    pools = read_pools(pools_path, len(train_store))
+    anchor_ids = read_anchor_ids(anchors_path)
+    unknown = np.setdiff1d(pools.anchors, anchor_ids)
+    require(len(unknown) == 0, f"{pools_path}: {len(unknown)} pool anchors are not in {anchors_path} (first: "
+            f"{unknown[0] if len(unknown) else ''}); rerun mine after anchors")
+    use_val = validate and str(val_dir) not in ("", ".")
+    val_store = ImageStore.open(val_dir) if use_val else None
+    if val_store is not None:
+        require((val_store.labels >= 0).all(), f"{val_dir}: validation needs labels on every item (or --no-validate)")
+    log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",
+             len(pools.anchors), len(pools.dropped_anchors), len(pools.items()))
+
+    options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks,
+                   image_size=image_size, validate=bool(use_val), weights=weights)
+    inputs_to_hash = [train_dir / "manifest.parquet", train_dir / "pixels.npy", pools_path, anchors_path]
+    if val_store is not None:
+        inputs_to_hash += [val_dir / "manifest.parquet", val_dir / "pixels.npy"]
+    fingerprint = run_fingerprint(options, inputs_to_hash)
+    checkpoint_path = checkpoint_dir / f"{fingerprint[:20]}.pt"
+
+    net = networks.build_network(meta, weights=weights or None, seed=seed)
+    try:
+        prefix, suffix = training.split_for_finetuning(net, trainable_blocks)
+    except ValueError as error:
+        raise InputError(f"trainable_blocks: {error}") from None
+    log.info("training stages %d.. of %d (%s), %d trainable parameters", suffix.start, len(net.trunk_blocks()),
+             "all" if trainable_blocks is None else f"last {trainable_blocks}",
+             sum(p.numel() for p in suffix.parameters() if p.requires_grad))
+    items = pools.items()
+    train_inputs, val_inputs = _inputs(prefix, suffix.start, train_store, items, val_store, image_size, batch_size_embed)
+
+    validation = None
+    initial_val = None
+    if val_store is not None:
+        validation = make_validation(val_inputs, val_store.labels, batch_size_embed)
+        initial_val = validation(suffix)["val_recall_at_1"]
+        log.info("validation Recall@1 before training: %.4f", initial_val)
+    with timed(f"{config.epochs} epochs"):
+        history = training.fit(suffix, train_inputs, items, len(train_store), pools, config,
+                               checkpoint_path=checkpoint_path, fingerprint=fingerprint,
+                               checkpoint_extra={"meta": meta}, validate=validation)
+
+    networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs})
+    write_log(out_dir / "log.tsv", history)
+    artifacts.save_json(out_dir / "summary.json", {
+        "anchors_with_tuples": len(pools.anchors),
+        "anchors_dropped": len(pools.dropped_anchors),
+        "training_pool": len(items),
+        "trainable_start_stage": suffix.start,
+        "trainable_parameters": sum(p.numel() for p in suffix.parameters() if p.requires_grad),
+        "val_recall_at_1_initial": initial_val,
+        "val_recall_at_1_final": history[-1].get("val_recall_at_1") if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+    })
+    checkpoint_path.unlink(missing_ok=True)
+
+
+def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size):
+    """Training (and validation) inputs: the frozen prefix's outputs cached once,
+    or, when every stage trains, lazily loaded pixels."""
+    train_pixels = training.SquarePixels(train_store, items, image_size)
+    val_pixels = None
+    if val_store is not None:
+        val_pixels = training.SquarePixels(val_store, np.arange(len(val_store)), image_size)
+    if start == 0:
+        return train_pixels, val_pixels
+    with timed(f"frozen prefix on {len(items)} training items"):
+        train_inputs = training.cache_prefix(prefix, train_pixels, batch_size, desc="prefix train")
+    val_inputs = None
+    if val_pixels is not None:
+        with timed(f"frozen prefix on {len(val_pixels)} validation items"):
+            val_inputs = training.cache_prefix(prefix, val_pixels, batch_size, desc="prefix val")
+    return train_inputs, val_inputs
+
+
+if __name__ == "__main__":
+    main()
