@@ -1,0 +1,176 @@
+"""Stage ``mine``: positive and negative pools of every anchor (method.md section 5).
+
+Reads ``--features`` (for the anchors' exact Euclidean neighbours, up to
+``k_neg``), ``--anchors``, ``--manifold`` (``manifold_knn.parquet`` of diffuse,
+at least ``k_neg`` deep) and, for purity only, the labels of ``--prepared``
+(the train split's image store; labels never influence the pools).
+Writes to ``--out-dir``:
+- ``pools.parquet``: ``anchor, member int64, kind string (positive/negative),
+  rank int32 (1 = first of its kind), manifold_similarity float32 (s_m =
+  f_anchor*(member) where the member is among the anchor's stored manifold
+  neighbours, else null), euclidean_similarity float32 (inner product
+  y_anchor.y_member; s_e = [.]_+^gamma is monotone in it)``, anchors in rank
+  order, positives before negatives;
+- ``purity.json``: pool sizes and purity (same-label positives, different-label
+  negatives) of all four pool variants of the paper's Table 1 — manifold and
+  Euclidean-NN baseline positives, manifold and random baseline negatives —
+  and which variants were written.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import numpy as np
+import pyarrow as pa
+
+from mom import artifacts
+from mom.graph import check_features, neighbours_of
+from mom.imagestore import ImageStore
+from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, euclidean_positives, manifold_negatives,
+                       manifold_positives, pool_purity, pool_stats, random_negatives)
+from stages._cli import require, stage_command, timed
+
+log = logging.getLogger("mom")
+
+
+def read_anchor_items(path) -> np.ndarray:
+    items = artifacts.load_parquet(path, columns=["item"]).column("item").to_numpy()
+    require(len(items) > 0, f"{path}: no anchors")
+    return items
+
+
+def read_manifold(path, anchors: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(anchors, depth) manifold neighbour ids padded with -1, and {(anchor, member): s_m}."""
+    table = artifacts.load_parquet(path, columns=["anchor", "neighbour", "rank", "similarity"])
+    anchor = table.column("anchor").to_numpy()
+    neighbour = table.column("neighbour").to_numpy()
+    rank = table.column("rank").to_numpy().astype(np.int64)
+    similarity = table.column("similarity").to_numpy()
+    sorter = np.argsort(anchors)
+    found = np.minimum(np.searchsorted(anchors[sorter], anchor), len(anchors) - 1)
+    rows = sorter[found]
+    require((anchors[rows] == anchor).all(), f"{path}: rows for anchors not in the anchor list (rerun diffuse)")
+    depth = int(rank.max()) if len(rank) else 0
+    ids = np.full((len(anchors), depth), -1, dtype=np.int64)
+    values = np.zeros((len(anchors), depth), dtype=np.float32)
+    ids[rows, rank - 1] = neighbour
+    values[rows, rank - 1] = similarity
+    return ids, values
+
+
+def manifold_similarity_of(anchor_rows, members, manifold_ids, manifold_values) -> pa.Array:
+    """s_m of each (anchor, member) pair found in the stored manifold lists, else null."""
+    n_keys = int(max(manifold_ids.max(initial=0), members.max(initial=0))) + 1
+    stored = manifold_ids >= 0
+    keys = (np.nonzero(stored)[0] * n_keys + manifold_ids[stored]).astype(np.int64)
+    order = np.argsort(keys)
+    keys, values = keys[order], manifold_values[stored][order]
+    wanted = anchor_rows.astype(np.int64) * n_keys + members
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    found = (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
+    result = np.where(found, values[at] if len(keys) else 0, 0).astype(np.float32)
+    return pa.array(result, pa.float32(), mask=~found)
+
+
+def pools_table(anchors, features, manifold_ids, manifold_values, positive, negative) -> pa.Table:
+    parts = []
+    for kind, pool in (("positive", positive), ("negative", negative)):
+        anchor_ids = anchors[pool.anchor_row]
+        euclidean = np.einsum("ij,ij->i", np.asarray(features[anchor_ids], dtype=np.float32),
+                              np.asarray(features[pool.member], dtype=np.float32))
+        parts.append((pool.anchor_row, 0 if kind == "positive" else 1, pa.table({
+            "anchor": pa.array(anchor_ids, pa.int64()),
+            "member": pa.array(pool.member, pa.int64()),
+            "kind": pa.array([kind] * len(pool.member), pa.string()),
+            "rank": pa.array(pool.rank, pa.int32()),
+            "manifold_similarity": manifold_similarity_of(pool.anchor_row, pool.member, manifold_ids, manifold_values),
+            "euclidean_similarity": pa.array(euclidean.astype(np.float32), pa.float32()),
+        })))
+    table = pa.concat_tables([part[2] for part in parts])
+    rows = np.concatenate([part[0] for part in parts])
+    kinds = np.concatenate([np.full(len(part[0]), part[1]) for part in parts])
+    ranks = table.column("rank").to_numpy()
+    return table.take(pa.array(np.lexsort((ranks, kinds, rows))))
+
+
+def read_labels(prepared) -> np.ndarray | None:
+    if not prepared:
+        return None
+    return ImageStore.open(prepared).labels
+
+
+@click.command()
+@click.option("--k_pos", type=int, default=50, show_default=True, help="P+ = NN_k_pos^m minus NN_k_pos^e")
+@click.option("--k_neg", type=int, default=100, show_default=True,
+              help="P- = NN_k_neg^e minus NN_k_neg^m (capped at n/2; retrieval at 1M: 10000)")
+@click.option("--positive_cap", type=int, default=50, show_default=True)
+@click.option("--negative_cap", type=int, default=50, show_default=True)
+@click.option("--positives", type=click.Choice(POSITIVE_VARIANTS), default="manifold", show_default=True,
+              help="manifold (P+) or euclidean (baseline NN_baseline_k)")
+@click.option("--negatives", type=click.Choice(NEGATIVE_VARIANTS), default="manifold", show_default=True,
+              help="manifold (P-) or random (baseline: random items outside NN_baseline_k)")
+@click.option("--baseline_k", type=int, default=5, show_default=True, help="Euclidean NN size of the baselines")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random baseline negatives")
+@click.option("--features", "features_path", type=click.Path(dir_okay=False), default="data/features/train.npy",
+              show_default=True)
+@click.option("--anchors", "anchors_path", type=click.Path(dir_okay=False), default="data/anchors/anchors.parquet",
+              show_default=True)
+@click.option("--manifold", "manifold_path", type=click.Path(dir_okay=False),
+              default="data/diffuse/manifold_knn.parquet", show_default=True)
+@click.option("--prepared", default="data/prepared/train", show_default=True,
+              help="image store of the train split, for purity only (empty: no purity)")
+@click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/mine", show_default=True)
+@stage_command("mine")
+def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baseline_k, seed, features_path,
+         anchors_path, manifold_path, prepared, out_dir):
+    """Mine the positive and negative pools and report their purity."""
+    for name, value in (("k_pos", k_pos), ("k_neg", k_neg), ("positive_cap", positive_cap),
+                        ("negative_cap", negative_cap), ("baseline_k", baseline_k)):
+        require(value >= 1, f"{name}={value}: must be at least 1")
+    features = artifacts.load_npy(features_path, mmap=True)
+    n = features.shape[0]
+    k_neg_used = min(k_neg, n // 2)
+    require(k_pos < n and baseline_k < n, f"k_pos={k_pos}, baseline_k={baseline_k}: must be below the item count {n}")
+    anchors = read_anchor_items(anchors_path)
+    require(anchors.max() < n, f"{anchors_path}: anchor ids beyond the {n} items of {features_path}")
+    manifold_ids, manifold_values = read_manifold(manifold_path, anchors)
+    depth = max(k_pos, k_neg_used)
+    require(manifold_ids.shape[1] >= depth,
+            f"{manifold_path}: {manifold_ids.shape[1]} manifold neighbours per anchor, mine needs {depth} "
+            f"(raise diffuse.k to at least max(k_pos, k_neg))")
+    labels = read_labels(prepared)
+    require(labels is None or len(labels) == n, f"{prepared}: {len(labels) if labels is not None else 0} items, "
+            f"features have {n}")
+    check_features(np.asarray(features[anchors]), name=f"{features_path} (anchor rows)")
+    with timed(f"searched {depth} Euclidean neighbours of {len(anchors)} anchors"):
+        euclidean_ids, _ = neighbours_of(features, anchors, max(depth, baseline_k))
+    with timed("built pools"):
+        variants = {
+            "manifold_positives": manifold_positives(manifold_ids, euclidean_ids, k_pos, positive_cap),
+            "euclidean_positives": euclidean_positives(euclidean_ids, baseline_k),
+            "manifold_negatives": manifold_negatives(manifold_ids, euclidean_ids, k_neg_used, negative_cap),
+            "random_negatives": random_negatives(anchors, euclidean_ids, n, baseline_k, negative_cap, seed),
+        }
+    positive = variants[f"{positives}_positives"]
+    negative = variants[f"{negatives}_negatives"]
+    report = {"written": {"positives": positives, "negatives": negatives},
+              "anchors": int(len(anchors)), "k_pos": k_pos, "k_neg": k_neg_used,
+              "labelled_items": int((labels >= 0).sum()) if labels is not None else 0}
+    for name, pool in variants.items():
+        report[name] = pool_stats(pool, len(anchors))
+        if labels is not None:
+            report[name].update(pool_purity(anchors, pool, labels, same_label=name.endswith("positives")))
+    out_dir = Path(out_dir)
+    with timed("wrote pools"):
+        artifacts.save_parquet(out_dir / "pools.parquet",
+                               pools_table(anchors, features, manifold_ids, manifold_values, positive, negative))
+        artifacts.save_json(out_dir / "purity.json", report)
+    for name in variants:
+        log.info("%s: %.1f per anchor, purity %s", name, report[name]["mean_per_anchor"],
+                 report[name].get("purity"))
+
+
+if __name__ == "__main__":
+    main()
