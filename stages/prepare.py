@@ -18,13 +18,14 @@ from mom import artifacts
 from mom.datasets import PreparedDataset
 from mom.datasets.fashion_mnist import prepare_fashion_mnist
 from mom.datasets.folder import prepare_folder
+from mom.datasets.revisited import prepare_revisited
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
 from stages._cli import stage_command, timed
 
 log = logging.getLogger("mom")
 
-SOURCES = ("fashion-mnist", "folder")
+SOURCES = ("fashion-mnist", "folder", "roxford5k", "rparis6k")
 # Split folders any source may write; those the chosen source does not write
 # are removed so a previous run's splits never linger beside the new ones.
 KNOWN_SPLITS = ("train", "val", "test", "query", "database")
@@ -67,7 +68,21 @@ def load_source(options: dict) -> PreparedDataset:
             max_side=options["max_side"],
             workers=options["workers"],
         )
+    if source in ("roxford5k", "rparis6k"):
+        return prepare_revisited(options["root"], source, **_file_options(options), **_retrieval_options(options))
     raise InputError(f"source: unknown source {source!r}; allowed: {', '.join(SOURCES)}")
+
+
+def _file_options(options: dict) -> dict:
+    return {"max_side": options["max_side"], "workers": options["workers"]}
+
+
+def _retrieval_options(options: dict) -> dict:
+    return {
+        "distractors_root": options["distractors_root"] or None,
+        "train_root": options["train_root"] or None,
+        "download": options["download"],
+    }
 
 
 def remove_stale_outputs(out_dir: Path, keep: set[str], keep_ground_truth: bool) -> None:
@@ -118,6 +133,12 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
               help="folder: downscale images whose longer side exceeds this (0 = keep)")
 @click.option("--test_root", default="", show_default=True,
               help="folder: optional directory of test images (empty = no test split)")
+@click.option("--download/--no-download", default=False, show_default=True,
+              help="fetch the dataset into root when missing (datasets with a stable public URL)")
+@click.option("--distractors_root", default="", show_default=True,
+              help="retrieval benchmarks: optional folder of distractor images appended to the database")
+@click.option("--train_root", default="", show_default=True,
+              help="retrieval benchmarks: folder of unlabeled training images (empty = the database images)")
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/prepared", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True,
               help="folder: decoding processes (0 = all cores); does not change the output")

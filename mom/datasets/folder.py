@@ -26,25 +26,22 @@ Rules (the README repeats them):
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
-import numpy as np
-from PIL import Image, ImageOps
-
-from mom.datasets import PreparedDataset, SplitStream
+from mom.datasets import PreparedDataset
+from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the folder source
+    IMAGE_EXTENSIONS,
+    FileItem,
+    RejectedImage,
+    decode_image,
+    downscale,
+    empty_split,
+    file_split,
+)
 from mom.errors import InputError
 
 SOURCE = "folder"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-class RejectedImage(Exception):
-    """A file that is not a usable image; the message is the report's reason."""
 
 
 def list_files(root: Path) -> tuple[list[str], list[str]]:
@@ -59,85 +56,6 @@ def list_files(root: Path) -> tuple[list[str], list[str]]:
             relative = path.relative_to(root).as_posix()
             (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(relative)
     return sorted(images), sorted(others)
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """``uint8 (h, w, 3)`` pixels of a loaded Pillow image (rules in the module doc)."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "F":
-        gray = np.clip(np.rint(np.nan_to_num(np.asarray(image, dtype=np.float32))), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in _ALPHA_MODES:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
-        alpha = rgba[:, :, 3:4]
-        over_white = (rgba[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255
-        return over_white.astype(np.uint8)
-    try:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (ValueError, OSError) as error:
-        raise RejectedImage(f"unsupported image mode {mode} ({error})") from None
-
-
-def downscale(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    """Resize so that the longer side is ``max_side`` (aspect kept) when larger."""
-    height, width = pixels.shape[:2]
-    longer = max(height, width)
-    if not max_side or longer <= max_side:
-        return pixels
-    scale = max_side / longer
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def decode_image(path: Path, max_side: int) -> np.ndarray:
-    """Decode one file to RGB ``uint8 (h, w, 3)``; raise :class:`RejectedImage`."""
-    try:
-        if path.stat().st_size == 0:
-            raise RejectedImage("empty file (0 bytes)")
-        with Image.open(path) as image:
-            if max_side and image.format == "JPEG":
-                image.draft("RGB", (max_side, max_side))  # decode at a reduced DCT scale: faster, same result size
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            pixels = to_rgb(image)
-    except RejectedImage:
-        raise
-    except Image.UnidentifiedImageError:
-        raise RejectedImage("not an image (Pillow cannot identify the format)") from None
-    except Image.DecompressionBombError as error:
-        raise RejectedImage(f"decompression bomb refused ({error})") from None
-    except MemoryError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any decoder failure on an untrusted file is reported, not fatal
-        raise RejectedImage(f"corrupt or unreadable ({type(error).__name__}: {error})") from None
-    if min(pixels.shape[:2]) < 1:
-        raise RejectedImage("image has no pixels")
-    return downscale(pixels, max_side)
-
-
-def _decode_or_reason(task: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    path, max_side = task
-    try:
-        return decode_image(Path(path), max_side), None
-    except RejectedImage as rejection:
-        return None, str(rejection)
-
-
-def _decoded(paths: list[Path], max_side: int, workers: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Decode in order; with ``workers > 1`` in a process pool (order kept)."""
-    tasks = [(str(path), max_side) for path in paths]
-    if workers <= 1 or len(tasks) < 2:
-        yield from map(_decode_or_reason, tasks)
-        return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_decode_or_reason, tasks, chunksize=8)
 
 
 def _first_folder(relative: str) -> str | None:
@@ -189,30 +107,12 @@ def prepare_folder(
             {"split": split, "path": rel, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"}
             for rel in others
         )
-        dataset.splits[split] = _folder_split(split, folder, candidates, class_ids, max_side or 0, workers, dataset)
-    dataset.splits["val"] = SplitStream(images=lambda: iter(()), columns=_empty_columns(), expected=0)
+        items = [_folder_item(folder, rel, class_ids) for rel in candidates]
+        dataset.splits[split] = file_split(SOURCE, split, items, dataset, max_side or 0, workers, exif=True)
+    dataset.splits["val"] = empty_split()
     return dataset
 
 
-def _empty_columns() -> dict[str, list]:
-    return {"source": [], "split": [], "origin": [], "label": [], "class_name": []}
-
-
-def _folder_split(split, folder, candidates, class_ids, max_side, workers, dataset) -> SplitStream:
-    columns = _empty_columns()
-
-    def images() -> Iterator[np.ndarray]:
-        paths = [folder / rel for rel in candidates]
-        for rel, (pixels, reason) in zip(candidates, _decoded(paths, max_side, workers)):
-            if pixels is None:
-                dataset.rejected.append({"split": split, "path": rel, "reason": reason})
-                continue
-            name = _first_folder(rel) if class_ids else None
-            columns["source"].append(SOURCE)
-            columns["split"].append(split)
-            columns["origin"].append(rel)
-            columns["label"].append(class_ids.get(name) if name is not None else None)
-            columns["class_name"].append(name)
-            yield pixels
-
-    return SplitStream(images=images, columns=columns, expected=len(candidates))
+def _folder_item(folder: Path, relative: str, class_ids: dict[str, int]) -> FileItem:
+    name = _first_folder(relative) if class_ids else None
+    return FileItem(path=folder / relative, origin=relative, label=class_ids.get(name), class_name=name)
