@@ -7,7 +7,17 @@ dimensionality reduction.
 """
 from __future__ import annotations
 
+import os
+import zipfile
+from pathlib import Path
+
 import numpy as np
+
+from mom import artifacts
+from mom.errors import InputError
+
+# zip entries get a fixed date so the same whitening gives the same bytes
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def _symmetric_inverse_sqrt(matrix: np.ndarray, eps: float) -> np.ndarray:
@@ -102,3 +112,34 @@ def apply_whitening(X: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> 
 def identity_whitening(d: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``none`` method: zero mean, identity projection (apply = l2-normalize)."""
     return np.zeros(d, dtype=np.float32), np.eye(d, dtype=np.float32)
+
+
+def save_whitening(path: str | os.PathLike, mean: np.ndarray, projection: np.ndarray, method: str) -> None:
+    """Write ``mean``, ``projection`` and ``method`` as an ``.npz`` that
+    ``np.load`` reads, atomically and byte-deterministically (``np.savez``
+    stamps the zip entries with the current time)."""
+    arrays = {
+        "mean": np.asarray(mean, dtype=np.float32),
+        "projection": np.asarray(projection, dtype=np.float32),
+        "method": np.array(method),
+    }
+    with artifacts.atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE), "w") as handle:
+                    np.lib.format.write_array(handle, array, allow_pickle=False)
+
+
+def load_whitening(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(mean, projection, method)`` from :func:`save_whitening`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (run the whiten stage first)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean, projection, method = data["mean"], data["projection"], str(data["method"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a whitening file (mean, projection, method): {error}") from None
+    if projection.ndim != 2 or mean.shape != (projection.shape[1],):
+        raise InputError(f"{path}: projection {projection.shape} does not fit mean {mean.shape}")
+    return mean, projection, method

@@ -159,3 +159,145 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspa
     assert f"resuming after epoch {finished} of {epochs}" in output
     assert (out / "model.pt").read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
     assert (out / "log.tsv").read_text() == (tmp_path / "ref" / "log.tsv").read_text()
+
+
+# ------------------------------------------------------------ whiten, evaluate
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, tmp_path_factory):
+    """A fine-tuned model, the prepared folder (train/val/test), initial features
+    and a manifold kNN table: what whiten and evaluate read."""
+    out = tmp_path_factory.mktemp("trained")
+    result = CliRunner().invoke(finetune.main, stage_args(workspace, out / "finetune"))
+    assert result.exit_code == 0, result.output
+    prepared = out / "prepared"
+    prepared.mkdir()
+    for split in ("train", "val"):
+        (prepared / split).symlink_to(workspace / split)
+    test_labels = write_split(prepared / "test", "test", 30, seed=2)
+    rng = np.random.default_rng(5)
+    initial = rng.normal(size=(30, 6)).astype(np.float32)
+    initial /= np.linalg.norm(initial, axis=1, keepdims=True)
+    artifacts.save_npy(out / "features" / "test.npy", initial)
+    n_train = 36
+    train_labels = np.arange(n_train) % 3
+    rows = [(a, b, r + 1) for a in range(n_train)
+            for r, b in enumerate([j for j in range(n_train) if train_labels[j] == train_labels[a] and j != a][:5])]
+    anchor, neighbour, rank = zip(*rows)
+    artifacts.save_parquet(out / "manifold_knn.parquet", pa.table({
+        "anchor": pa.array(anchor, pa.int64()), "neighbour": pa.array(neighbour, pa.int64()),
+        "rank": pa.array(rank, pa.int32()), "similarity": pa.array([0.5] * len(rows), pa.float32())}))
+    return out, test_labels, initial
+
+
+def whiten_args(out, method, **extra):
+    args = ["--model", out / "finetune" / "model.pt", "--train", out / "prepared" / "train",
+            "--manifold-knn", out / "manifold_knn.parquet", "--out-dir", out / f"whiten-{method}",
+            "--method", method, "--scales", "32"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    return [str(a) for a in args]
+
+
+@pytest.mark.parametrize("method,dim", [("none", 64), ("pca", 16), ("lw", 64)])
+def test_whiten_writes_a_projection_of_the_requested_dims(trained, method, dim):
+    from stages import whiten
+    from mom import extraction, whitening
+
+    out, _, _ = trained
+    extra = {"dim": 16} if method == "pca" else {"lw_neighbours": 3} if method == "lw" else {}
+    result = CliRunner().invoke(whiten.main, whiten_args(out, method, **extra))
+    assert result.exit_code == 0, result.output
+    mean, projection, saved_method = whitening.load_whitening(out / f"whiten-{method}" / "whitening.npz")
+    assert saved_method == method and projection.shape == (dim, 64) and mean.shape == (64,)
+    if method == "none":
+        assert np.array_equal(projection, np.eye(64))
+        return
+    from mom.imagestore import ImageStore
+    net, _ = networks.load_checkpoint(out / "finetune" / "model.pt")
+    train = extraction.embed_store(net, ImageStore.open(out / "prepared" / "train"), scales=[32], progress=False)
+    if method == "pca":  # the training descriptors come out with identity covariance
+        whitened = (train - mean) @ projection.T
+        assert np.allclose(np.cov(whitened.T, bias=True), np.eye(16), atol=1e-2)
+
+
+def test_whiten_rejects_bad_method(trained):
+    from stages import whiten
+
+    out, _, _ = trained
+    result = CliRunner().invoke(whiten.main, whiten_args(out, "zca"))
+    assert result.exit_code == 2 and "method: must be one of pca, lw, none" in result.output
+
+
+def test_evaluate_compares_initial_and_finetuned_and_draws_figures(trained, tmp_path):
+    from stages import evaluate
+    from mom import metrics
+
+    out, test_labels, initial = trained
+    assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
+    args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
+            "--prepared", out / "prepared", "--features", out / "features",
+            "--finetune-log", out / "finetune" / "log.tsv", "--metrics", tmp_path / "metrics.json",
+            "--plots-dir", tmp_path / "plots", "--scales", "32", "--kmeans_n_init", "2"]
+    result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = artifacts.load_json(tmp_path / "metrics.json")
+    test = report["test"]
+    assert test["items"] == 30 and test["classes"] == 3
+    assert test["kmeans"]["n_clusters"] == 3 and test["kmeans"]["n_init"] == 2 and test["kmeans"]["seed"] == 0
+    expected = metrics.recall_at_k(initial, test_labels)
+    assert [test["initial"][f"recall_at_{k}"] for k in (1, 2, 4, 8)] == pytest.approx([expected[k] for k in (1, 2, 4, 8)])
+    assert test["initial"]["nmi"] == pytest.approx(metrics.nmi_kmeans(initial, test_labels, 3, 0, 2))
+    assert set(test["finetuned"]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+    assert report["whitening"] == {"method": "none", "dim": 64}
+    assert "retrieval" not in report
+    for name in ("recall_at_k.png", "training.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    # same inputs, same bytes
+    second = tmp_path / "again.json"
+    args[args.index("--metrics") + 1] = second
+    assert CliRunner().invoke(evaluate.main, [str(a) for a in args]).exit_code == 0
+    assert second.read_bytes() == (tmp_path / "metrics.json").read_bytes()
+
+
+def whiten_main():
+    from stages import whiten
+    return whiten.main
+
+
+def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
+    from stages import evaluate
+    from mom import metrics
+
+    out, _, _ = trained
+    prepared = tmp_path / "prepared"
+    write_split(prepared / "query", "query", 3, seed=7)
+    write_split(prepared / "database", "database", 12, seed=8)
+    relevance = [(0, 0, "easy"), (0, 3, "hard"), (0, 6, "junk"), (1, 1, "easy"), (1, 4, "junk"),
+                 (2, 2, "hard"), (2, 5, "easy")]
+    query, database, level = zip(*relevance)
+    artifacts.save_parquet(prepared / "ground_truth.parquet", pa.table({
+        "query": pa.array(query, pa.int64()), "database": pa.array(database, pa.int64()),
+        "relevance": pa.array(level, pa.string())}))
+    rng = np.random.default_rng(9)
+    features = {}
+    for split, n in (("query", 3), ("database", 12)):
+        features[split] = rng.normal(size=(n, 5)).astype(np.float32)
+        artifacts.save_npy(tmp_path / "features" / f"{split}.npy", features[split])
+    assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
+    args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
+            "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog.tsv",
+            "--metrics", tmp_path / "metrics.json", "--plots-dir", tmp_path / "plots", "--scales", "32"]
+    result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    retrieval = artifacts.load_json(tmp_path / "metrics.json")["retrieval"]
+    assert retrieval["protocols"] == ["easy", "medium", "hard"]
+    rankings = metrics.rank_database(features["query"], features["database"])
+    easy, hard, junk = [[0], [1], [5]], [[3], [], [2]], [[6], [4], []]
+    expected = metrics.revisited_evaluation(rankings, easy, hard, junk, ks=(1, 5, 10))
+    for protocol in ("easy", "medium", "hard"):
+        assert retrieval["initial"][protocol]["map"] == pytest.approx(expected[protocol]["map"])
+        assert retrieval["initial"][protocol]["mp_at_5"] == pytest.approx(expected[protocol]["mp_at_k"][5])
+    assert retrieval["initial"]["hard"]["queries"] == 2  # query 1 has no hard positive
+    assert 0 <= retrieval["finetuned"]["medium"]["map"] <= 1

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from mom import whitening
+from mom.errors import InputError
 
 
 def correlated_data(n=2000, d=6, seed=0):
@@ -89,3 +90,16 @@ def test_learning_is_deterministic():
     first = whitening.learn_pca_whitening(X)
     second = whitening.learn_pca_whitening(X.copy())
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_whitening_file_roundtrip_is_byte_deterministic(tmp_path):
+    X = correlated_data(n=100, d=5)
+    mean, projection = whitening.learn_pca_whitening(X, dim=3)
+    for name in ("a", "b"):
+        whitening.save_whitening(tmp_path / f"{name}.npz", mean, projection, "pca")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    loaded_mean, loaded_projection, method = whitening.load_whitening(tmp_path / "a.npz")
+    assert np.array_equal(loaded_mean, mean) and np.array_equal(loaded_projection, projection) and method == "pca"
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    with pytest.raises(InputError, match="not a whitening file"):
+        whitening.load_whitening(tmp_path / "bad.npz")
