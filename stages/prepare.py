@@ -17,15 +17,19 @@ from tqdm import tqdm
 from mom import artifacts
 from mom.datasets import PreparedDataset
 from mom.datasets.fashion_mnist import prepare_fashion_mnist
+from mom.datasets.cars import prepare_cars
+from mom.datasets.cub import prepare_cub
 from mom.datasets.folder import prepare_folder
 from mom.datasets.revisited import prepare_revisited
+from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
 from stages._cli import stage_command, timed
 
 log = logging.getLogger("mom")
 
-SOURCES = ("fashion-mnist", "folder", "roxford5k", "rparis6k")
+CATEGORY_SOURCES = {"cub": prepare_cub, "cars196": prepare_cars, "sop": prepare_sop}
+SOURCES = ("fashion-mnist", "folder", *CATEGORY_SOURCES, "roxford5k", "rparis6k")
 # Split folders any source may write; those the chosen source does not write
 # are removed so a previous run's splits never linger beside the new ones.
 KNOWN_SPLITS = ("train", "val", "test", "query", "database")
@@ -68,6 +72,8 @@ def load_source(options: dict) -> PreparedDataset:
             max_side=options["max_side"],
             workers=options["workers"],
         )
+    if source in CATEGORY_SOURCES:
+        return CATEGORY_SOURCES[source](options["root"], download=options["download"], **_file_options(options))
     if source in ("roxford5k", "rparis6k"):
         return prepare_revisited(options["root"], source, **_file_options(options), **_retrieval_options(options))
     raise InputError(f"source: unknown source {source!r}; allowed: {', '.join(SOURCES)}")
