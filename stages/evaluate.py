@@ -112,6 +112,17 @@ def load_initial(path: Path, n: int) -> np.ndarray:
     return features
 
 
+def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:
+    """The given scales/aggregation, else those the finetune stage recorded."""
+    recorded = extra.get("embedding", {})
+    scales = list(scales) or list(recorded.get("scales", [64]))
+    aggregation = aggregation or recorded.get("aggregation", "sum")
+    require(min(scales) >= 8, f"scales: need one or more sizes >= 8 pixels, got {scales}")
+    require(aggregation in extraction.AGGREGATIONS,
+            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
+    return scales, aggregation
+
+
 @click.command()
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default="data/finetune/model.pt", show_default=True)
 @click.option("--whitening", "whitening_path", type=click.Path(path_type=Path), default="data/whiten/whitening.npz",
@@ -127,9 +138,9 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 @click.option("--kmeans_seed", type=int, default=0, show_default=True)
 @click.option("--kmeans_n_init", type=int, default=10, show_default=True)
 @click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
-@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
-              help="Longer image side(s) when embedding (as in extract).")
-@click.option("--aggregation", default="sum", show_default=True, help="Multi-scale aggregation: sum | gem")
+@click.option("--scales", type=int, multiple=True, default=(),
+              help="Longer image side(s) when embedding (default: those recorded in the model).")
+@click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
 @stage_command("evaluate")
 def main(model_path, whitening_path, prepared, features_dir, log_path, metrics_path, plots_dir, **options):
@@ -138,16 +149,14 @@ def main(model_path, whitening_path, prepared, features_dir, log_path, metrics_p
     require(options["kmeans_n_init"] >= 1, f"kmeans_n_init: must be >= 1, got {options['kmeans_n_init']}")
     require(options["precision_ks"] and min(options["precision_ks"]) >= 1,
             f"precision_ks: need positive integers, got {list(options['precision_ks'])}")
-    require(options["scales"] and min(options["scales"]) >= 8, f"scales: need sizes >= 8, got {list(options['scales'])}")
-    require(options["aggregation"] in extraction.AGGREGATIONS,
-            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {options['aggregation']!r}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
-    net, _ = networks.load_checkpoint(model_path)
+    net, extra = networks.load_checkpoint(model_path)
+    options["scales"], options["aggregation"] = embedding_settings(extra, options["scales"], options["aggregation"])
     mean, projection, method = whitening.load_whitening(whitening_path)
     require(projection.shape[1] == net.dim,
             f"{whitening_path}: learned for {projection.shape[1]}-d descriptors, the model gives {net.dim}-d")
 
-    result: dict = {"scales": list(options["scales"]), "whitening": {"method": method, "dim": int(projection.shape[0])}}
+    result: dict = {"scales": options["scales"], "aggregation": options["aggregation"], "whitening": {"method": method, "dim": int(projection.shape[0])}}
     test_dir = prepared / "test"
     if (test_dir / "manifest.parquet").is_file() and len(test_store := ImageStore.open(test_dir)):
         result["test"] = evaluate_fine_grained(test_store, features_dir / "test.npy", net, mean, projection, ks, options)

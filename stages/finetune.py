@@ -3,8 +3,9 @@
 Reads the training images (``--train``), the pools of the ``mine`` stage
 (``--pools``) and the anchors (``--anchors``); optionally the validation split
 (``--val``, training classes' images, labels used only to log Recall@1).
-Writes ``<out-dir>/model.pt`` (``{"meta", "state_dict"}``: rebuilds with
-``mom.networks.load_checkpoint``), ``<out-dir>/log.tsv`` (one row per epoch:
+Writes ``<out-dir>/model.pt`` (``{"meta", "state_dict", "extra"}``: rebuilds
+with ``mom.networks.load_checkpoint``; ``extra["embedding"]`` holds the scales
+and aggregation at which whiten and evaluate embed images with it), ``<out-dir>/log.tsv`` (one row per epoch:
 DVC plots) and ``<out-dir>/summary.json``.
 
 Resume: after every epoch the full training state is written to
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mom import artifacts, metrics, networks, training
+from mom import artifacts, extraction, metrics, networks, training
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools
@@ -131,6 +132,9 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--trainable_blocks", type=TrainableBlocks(), default="2", show_default=True,
               help="Last trunk stages that train (the rest is frozen and cached), or 'all'.")
 @click.option("--image_size", type=int, default=64, show_default=True, help="Training input side in pixels.")
+@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
+              help="Longer image side(s) at which whiten/evaluate embed with this network (recorded in model.pt).")
+@click.option("--aggregation", default="sum", show_default=True, help="Multi-scale aggregation for those: sum | gem")
 @click.option("--epochs", type=int, default=training.TrainingConfig.epochs, show_default=True)
 @click.option("--batch_size", type=int, default=training.TrainingConfig.batch_size, show_default=True)
 @click.option("--lr", type=float, default=training.TrainingConfig.lr, show_default=True)
@@ -149,7 +153,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @stage_command("finetune")
 def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
-         head_dim, trainable_blocks, image_size, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
+         head_dim, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
          loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads):
     config = training.TrainingConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
@@ -162,6 +166,10 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
     require(image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
     require(threads >= 0, f"threads: must be >= 0, got {threads}")
+    require(len(scales) > 0 and min(scales) >= 16, f"scales: need one or more sizes >= 16 pixels, got {list(scales)}")
+    require(aggregation in extraction.AGGREGATIONS,
+            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
+    require(not (aggregation == "gem" and head_dim), "aggregation: gem needs non-negative descriptors (head_dim 0)")
     if threads:
         torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -213,7 +221,8 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
                                checkpoint_path=checkpoint_path, fingerprint=fingerprint,
                                checkpoint_extra={"meta": meta}, validate=validation)
 
-    networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs})
+    embedding = {"scales": [int(scale) for scale in scales], "aggregation": aggregation}
+    networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding})
     write_log(out_dir / "log.tsv", history)
     artifacts.save_json(out_dir / "summary.json", {
         "anchors_with_tuples": len(pools.anchors),

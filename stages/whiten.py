@@ -37,6 +37,17 @@ def matching_pairs(path: Path, max_rank: int, n_train: int) -> np.ndarray:
     return pairs
 
 
+def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:
+    """The given scales/aggregation, else those the finetune stage recorded."""
+    recorded = extra.get("embedding", {})
+    scales = list(scales) or list(recorded.get("scales", [64]))
+    aggregation = aggregation or recorded.get("aggregation", "sum")
+    require(min(scales) >= 8, f"scales: need one or more sizes >= 8 pixels, got {scales}")
+    require(aggregation in extraction.AGGREGATIONS,
+            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
+    return scales, aggregation
+
+
 @click.command()
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default="data/finetune/model.pt", show_default=True)
 @click.option("--train", "train_dir", type=click.Path(path_type=Path), default="data/prepared/train", show_default=True)
@@ -48,9 +59,9 @@ def matching_pairs(path: Path, max_rank: int, n_train: int) -> np.ndarray:
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="Relative ridge on the eigenvalues.")
 @click.option("--lw_neighbours", type=int, default=50, show_default=True,
               help="Lw matching pairs: anchor with its manifold neighbours up to this rank.")
-@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
-              help="Longer image side(s) when embedding (as in extract).")
-@click.option("--aggregation", default="sum", show_default=True, help="Multi-scale aggregation: sum | gem")
+@click.option("--scales", type=int, multiple=True, default=(),
+              help="Longer image side(s) when embedding (default: those recorded in the model).")
+@click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
 @stage_command("whiten")
 def main(model_path, train_dir, knn_path, out_dir, method, dim, eps, lw_neighbours, scales, aggregation, batch_size):
@@ -58,14 +69,12 @@ def main(model_path, train_dir, knn_path, out_dir, method, dim, eps, lw_neighbou
     require(dim >= 0, f"dim: must be >= 0 (0 = keep all), got {dim}")
     require(eps >= 0, f"eps: must be >= 0, got {eps}")
     require(lw_neighbours >= 1, f"lw_neighbours: must be >= 1, got {lw_neighbours}")
-    require(len(scales) > 0 and min(scales) >= 8, f"scales: need one or more sizes >= 8 pixels, got {list(scales)}")
-    require(aggregation in extraction.AGGREGATIONS,
-            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
     require(batch_size >= 1, f"batch_size: must be >= 1, got {batch_size}")
-    net, _ = networks.load_checkpoint(model_path)
+    net, extra = networks.load_checkpoint(model_path)
+    scales, aggregation = embedding_settings(extra, scales, aggregation)
     d = net.dim
     require(dim <= d, f"dim: the model's descriptors have {d} dimensions, got dim {dim}")
-    report = {"method": method, "input_dim": d}
+    report = {"method": method, "input_dim": d, "scales": scales, "aggregation": aggregation}
 
     if method == "none":
         mean, projection = whitening.identity_whitening(d)

@@ -78,7 +78,7 @@ def workspace(tmp_path_factory):
 def stage_args(root, out, epochs=2, **extra):
     args = ["--train", root / "train", "--val", root / "val", "--pools", root / "pools.parquet",
             "--anchors", root / "anchors.parquet", "--out-dir", out, "--checkpoint-dir", out.parent / f"{out.name}-ckpt",
-            "--image_size", "32", "--trainable_blocks", "1", "--epochs", str(epochs), "--batch_size", "8",
+            "--image_size", "32", "--scales", "32", "--trainable_blocks", "1", "--epochs", str(epochs), "--batch_size", "8",
             "--lr", "0.05", "--lr_step", "5", "--threads", "1"]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
@@ -194,7 +194,7 @@ def trained(workspace, tmp_path_factory):
 def whiten_args(out, method, **extra):
     args = ["--model", out / "finetune" / "model.pt", "--train", out / "prepared" / "train",
             "--manifold-knn", out / "manifold_knn.parquet", "--out-dir", out / f"whiten-{method}",
-            "--method", method, "--scales", "32"]
+            "--method", method]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
     return [str(a) for a in args]
@@ -239,7 +239,7 @@ def test_evaluate_compares_initial_and_finetuned_and_draws_figures(trained, tmp_
     args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
             "--prepared", out / "prepared", "--features", out / "features",
             "--finetune-log", out / "finetune" / "log.tsv", "--metrics", tmp_path / "metrics.json",
-            "--plots-dir", tmp_path / "plots", "--scales", "32", "--kmeans_n_init", "2"]
+            "--plots-dir", tmp_path / "plots", "--kmeans_n_init", "2"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = artifacts.load_json(tmp_path / "metrics.json")
@@ -251,6 +251,7 @@ def test_evaluate_compares_initial_and_finetuned_and_draws_figures(trained, tmp_
     assert test["initial"]["nmi"] == pytest.approx(metrics.nmi_kmeans(initial, test_labels, 3, 0, 2))
     assert set(test["finetuned"]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
     assert report["whitening"] == {"method": "none", "dim": 64}
+    assert report["scales"] == [32] and report["aggregation"] == "sum"  # recorded by finetune
     assert "retrieval" not in report
     for name in ("recall_at_k.png", "training.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
@@ -288,7 +289,7 @@ def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
     assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
     args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
             "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog.tsv",
-            "--metrics", tmp_path / "metrics.json", "--plots-dir", tmp_path / "plots", "--scales", "32"]
+            "--metrics", tmp_path / "metrics.json", "--plots-dir", tmp_path / "plots"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     retrieval = artifacts.load_json(tmp_path / "metrics.json")["retrieval"]
