@@ -6,6 +6,7 @@ per split and class, skipped files with the reason).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -20,6 +21,9 @@ from mom.datasets.fashion_mnist import prepare_fashion_mnist
 from mom.datasets.cars import prepare_cars
 from mom.datasets.cub import prepare_cub
 from mom.datasets.folder import prepare_folder
+from mom.datasets.holidays import prepare_holidays
+from mom.datasets.instre import prepare_instre
+from mom.datasets.oxford_classic import prepare_classic
 from mom.datasets.revisited import prepare_revisited
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
@@ -29,7 +33,15 @@ from stages._cli import stage_command, timed
 log = logging.getLogger("mom")
 
 CATEGORY_SOURCES = {"cub": prepare_cub, "cars196": prepare_cars, "sop": prepare_sop}
-SOURCES = ("fashion-mnist", "folder", *CATEGORY_SOURCES, "roxford5k", "rparis6k")
+RETRIEVAL_SOURCES = {
+    "roxford5k": functools.partial(prepare_revisited, name="roxford5k"),
+    "rparis6k": functools.partial(prepare_revisited, name="rparis6k"),
+    "oxford5k": functools.partial(prepare_classic, name="oxford5k"),
+    "paris6k": functools.partial(prepare_classic, name="paris6k"),
+    "holidays": prepare_holidays,
+    "instre": prepare_instre,
+}
+SOURCES = ("fashion-mnist", "folder", *CATEGORY_SOURCES, *RETRIEVAL_SOURCES)
 # Split folders any source may write; those the chosen source does not write
 # are removed so a previous run's splits never linger beside the new ones.
 KNOWN_SPLITS = ("train", "val", "test", "query", "database")
@@ -74,8 +86,8 @@ def load_source(options: dict) -> PreparedDataset:
         )
     if source in CATEGORY_SOURCES:
         return CATEGORY_SOURCES[source](options["root"], download=options["download"], **_file_options(options))
-    if source in ("roxford5k", "rparis6k"):
-        return prepare_revisited(options["root"], source, **_file_options(options), **_retrieval_options(options))
+    if source in RETRIEVAL_SOURCES:
+        return RETRIEVAL_SOURCES[source](options["root"], **_file_options(options), **_retrieval_options(options))
     raise InputError(f"source: unknown source {source!r}; allowed: {', '.join(SOURCES)}")
 
 
