@@ -83,6 +83,8 @@ def load_source(options: dict) -> PreparedDataset:
             labels_from_folders=options["labels_from_folders"],
             max_side=options["max_side"],
             workers=options["workers"],
+            query_root=options["query_root"] or None,
+            ground_truth=options["ground_truth"] or None,
         )
     if source in CATEGORY_SOURCES:
         return CATEGORY_SOURCES[source](options["root"], download=options["download"], **_file_options(options))
@@ -151,6 +153,10 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
               help="folder: downscale images whose longer side exceeds this (0 = keep)")
 @click.option("--test_root", default="", show_default=True,
               help="folder: optional directory of test images (empty = no test split)")
+@click.option("--query_root", default="", show_default=True,
+              help="folder: directory of the query images named in ground_truth (empty = test_root)")
+@click.option("--ground_truth", default="", show_default=True,
+              help="folder: CSV/Parquet of query,database,relevance pairs for retrieval evaluation")
 @click.option("--download/--no-download", default=False, show_default=True,
               help="fetch the dataset into root when missing (datasets with a stable public URL)")
 @click.option("--distractors_root", default="", show_default=True,
@@ -173,7 +179,8 @@ def main(**options):
     if counts.get("train", {}).get("count", 1) == 0:
         raise InputError(f"root: {options['root']} holds no readable image ({len(dataset.rejected)} files skipped)")
     if dataset.ground_truth is not None:
-        artifacts.save_parquet(out_dir / GROUND_TRUTH, dataset.ground_truth)
+        table = dataset.ground_truth() if callable(dataset.ground_truth) else dataset.ground_truth
+        artifacts.save_parquet(out_dir / GROUND_TRUTH, table)
     report = {"source": dataset.source, "splits": counts, **dataset.info,
               "rejected_count": len(dataset.rejected),
               "rejected": sorted(dataset.rejected, key=lambda entry: (entry.get("split", ""), entry["path"]))}

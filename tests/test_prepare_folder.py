@@ -185,3 +185,70 @@ def test_cli_collection_of_only_broken_files_is_an_error(tmp_path):
                                        "--out-dir", str(tmp_path / "out"), "--workers", "1"])
     assert result.exit_code == 2
     assert "prepare: error: root:" in result.output and "no readable image (2 files skipped)" in result.output
+
+
+def _retrieval_folders(tmp_path):
+    train, database, queries = tmp_path / "train", tmp_path / "db", tmp_path / "queries"
+    _save(train / "t.png", Image.fromarray(_rgb_pattern(4, 4)))
+    (database / "a").mkdir(parents=True)
+    (database / "a" / "0_broken.jpg").write_bytes(b"")  # unreferenced and corrupt: skipped, shifts positions
+    for name in ("a/1.png", "a/2.png", "b/3.png"):
+        _save(database / name, Image.fromarray(_rgb_pattern(5, 6)))
+    _save(queries / "q1.png", Image.fromarray(_rgb_pattern(3, 3)))
+    _save(queries / "q0.png", Image.fromarray(_rgb_pattern(2, 2)))
+    return train, database, queries
+
+
+def test_folder_with_queries_and_ground_truth_csv(tmp_path):
+    train, database, queries = _retrieval_folders(tmp_path)
+    csv_path = tmp_path / "gt.csv"
+    csv_path.write_text("query,database,relevance\nq1.png,b/3.png,positive\nq0.png,a/2.png,positive\n"
+                        "q0.png,a/1.png,junk\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--source", "folder", "--root", str(train), "--test_root", str(database),
+                                       "--query_root", str(queries), "--ground_truth", str(csv_path),
+                                       "--labels_from_folders", "--workers", "1", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    db = ImageStore.open(out / "database")
+    assert db.origins == ["a/1.png", "a/2.png", "b/3.png"] and db.labels.tolist() == [0, 0, 1]
+    assert ImageStore.open(out / "query").origins == ["q0.png", "q1.png"]
+    assert len(ImageStore.open(out / "test")) == 0
+    table = artifacts.load_parquet(out / "ground_truth.parquet").to_pydict()
+    assert list(zip(table["query"], table["database"], table["relevance"])) == [
+        (0, 0, "junk"), (0, 1, "positive"), (1, 2, "positive")]
+    report = artifacts.load_json(out / "report.json")
+    assert report["rejected"] == [{"split": "database", "path": "a/0_broken.jpg", "reason": "empty file (0 bytes)"}]
+    assert report["protocols"] == ["positive"]
+
+
+def test_folder_ground_truth_parquet_without_relevance_column(tmp_path):
+    import pyarrow as pa
+    train, database, _ = _retrieval_folders(tmp_path)
+    artifacts.save_parquet(tmp_path / "gt.parquet", pa.table({"query": ["a/1.png"], "database": ["a/2.png"]}))
+    dataset = prepare_folder(train, test_root=database, ground_truth=tmp_path / "gt.parquet")
+    _write(dataset, tmp_path / "out")
+    assert dataset.ground_truth().to_pydict() == {"query": [0], "database": [1], "relevance": ["positive"]}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("query,database\nmissing.png,a/1.png\n", "1 query images not found"),
+        ("query,database\nq0.png,a/9.png\n", "1 database images not found under .*first: a/9.png"),
+        ("query,database,relevance\nq0.png,a/1.png,maybe\n", "row 2: relevance 'maybe'"),
+        ("query,target\nq0.png,a/1.png\n", "needs columns query, database"),
+        ("query,database\n", "lists no pairs"),
+    ],
+)
+def test_folder_ground_truth_errors(tmp_path, text, message):
+    train, database, queries = _retrieval_folders(tmp_path)
+    (tmp_path / "gt.csv").write_text(text)
+    with pytest.raises(InputError, match=message):
+        prepare_folder(train, test_root=database, query_root=queries, ground_truth=tmp_path / "gt.csv")
+
+
+def test_folder_ground_truth_needs_test_root(tmp_path):
+    train, _, _ = _retrieval_folders(tmp_path)
+    (tmp_path / "gt.csv").write_text("query,database\nq0.png,a/1.png\n")
+    with pytest.raises(InputError, match="ground_truth: needs test_root"):
+        prepare_folder(train, ground_truth=tmp_path / "gt.csv")

@@ -10,7 +10,7 @@ stage streams each split into an image store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import pyarrow as pa
@@ -39,14 +39,16 @@ class PreparedDataset:
 
     ``rejected`` lists ``{"path", "reason"}`` for every skipped file (filled
     while the splits are streamed). ``ground_truth`` is a relevance table for
-    retrieval benchmarks (query, database item, relevance), else ``None``.
+    retrieval benchmarks (query, database item, relevance), else ``None``; a
+    callable when it depends on which files decoded (call it after the splits
+    are written).
     ``info`` is merged into the stage's report (protocol notes, counts).
     """
 
     source: str
     splits: dict[str, SplitStream]
     rejected: list[dict] = field(default_factory=list)
-    ground_truth: pa.Table | None = None
+    ground_truth: Union[pa.Table, Callable[[], pa.Table], None] = None
     info: dict = field(default_factory=dict)
 
 

@@ -20,14 +20,29 @@ Rules (the README repeats them):
   white. Multi-frame files give their first frame. Images whose longer side
   exceeds ``max_side`` are downscaled (Lanczos) so the longer side is
   ``max_side``, aspect kept (``0`` = keep the size).
+- Retrieval evaluation on your own images (optional): ``ground_truth`` names a
+  CSV (header ``query,database,relevance``) or Parquet file with those columns:
+  ``query`` a path relative to ``query_root`` (or to ``test_root`` when
+  ``query_root`` is empty), ``database`` a path relative to ``test_root``,
+  ``relevance`` one of positive/junk (or any level of
+  :data:`mom.datasets.retrieval.RELEVANCE_LEVELS`; the column may be left out:
+  positive). Then the splits are ``train`` (root), ``query`` (the listed
+  queries, sorted, whole images), ``database`` (every image of ``test_root``)
+  and empty ``val``/``test``, and ``ground_truth.parquet`` is written; the
+  protocol is ``positive`` (positives; junk ignored; other pairs negative).
+  Listed queries and listed database images must decode; other database files
+  follow the skip-and-report rule.
 - Skipped and reported (``path``, ``reason``): zero-byte files, files Pillow
   cannot identify, corrupt or truncated images, images over Pillow's
   decompression-bomb limit, unsupported modes, and files with other extensions.
 """
 from __future__ import annotations
 
-import os
+import csv
 from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mom.datasets import PreparedDataset
 from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the folder source
@@ -38,24 +53,12 @@ from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the
     downscale,
     empty_split,
     file_split,
+    list_files,
 )
+from mom.datasets.retrieval import RELEVANCE_LEVELS, ground_truth_table
 from mom.errors import InputError
 
 SOURCE = "folder"
-
-
-def list_files(root: Path) -> tuple[list[str], list[str]]:
-    """Relative POSIX paths under ``root``: (image candidates, other files), sorted."""
-    images, others = [], []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        for name in files:
-            path = Path(directory, name)
-            if not path.is_file():
-                continue
-            relative = path.relative_to(root).as_posix()
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(relative)
-    return sorted(images), sorted(others)
 
 
 def _first_folder(relative: str) -> str | None:
@@ -84,10 +87,13 @@ def prepare_folder(
     labels_from_folders: bool = False,
     max_side: int = 512,
     workers: int = 1,
+    query_root: str | Path | None = None,
+    ground_truth: str | Path | None = None,
 ) -> PreparedDataset:
     """The ``train`` split from ``root``, ``test`` from ``test_root`` (or empty),
-    an empty ``val``. Rejected files are appended to the result's ``rejected``
-    while the splits are streamed."""
+    an empty ``val``; with ``ground_truth``, ``query`` and ``database`` splits
+    instead of ``test`` (module doc). Rejected files are appended to the
+    result's ``rejected`` while the splits are streamed."""
     if max_side is not None and max_side < 0:
         raise InputError(f"max_side: must be >= 0 (0 = keep the size), got {max_side}")
     root, test_root = _checked_roots(root, test_root)
@@ -101,16 +107,92 @@ def prepare_folder(
         names = {_first_folder(rel) for candidates, _ in listings.values() for rel in candidates} - {None}
         class_ids = {name: index for index, name in enumerate(sorted(names))}
     dataset = PreparedDataset(source=SOURCE, splits={}, info={"classes": {str(i): n for n, i in class_ids.items()}})
+    items_by_split = {}
     for split, folder in (("train", root), ("test", test_root)):
         candidates, others = listings[split]
         dataset.rejected.extend(
             {"split": split, "path": rel, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"}
             for rel in others
         )
-        items = [_folder_item(folder, rel, class_ids) for rel in candidates]
+        items = items_by_split[split] = [_folder_item(folder, rel, class_ids) for rel in candidates]
         dataset.splits[split] = file_split(SOURCE, split, items, dataset, max_side or 0, workers, exif=True)
     dataset.splits["val"] = empty_split()
+    if ground_truth:
+        rows = read_ground_truth_file(ground_truth)
+        _add_retrieval_splits(dataset, rows, items_by_split["test"], test_root, query_root, max_side, workers)
     return dataset
+
+
+def read_ground_truth_file(path: str | Path) -> list[tuple[str, str, str]]:
+    """``(query path, database path, relevance)`` rows of a user's CSV or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ground_truth: {path} not found")
+    if path.suffix.lower() == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"ground_truth: {path} is not a readable Parquet file ({error})") from None
+        records = table.to_pylist()
+        columns = table.column_names
+    else:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            records = list(reader)
+            columns = reader.fieldnames or []
+    if not {"query", "database"} <= set(columns):
+        raise InputError(f"ground_truth: {path} needs columns query, database (and optionally relevance)")
+    rows = []
+    for number, record in enumerate(records, start=2):
+        relevance = (record.get("relevance") or "positive").strip()
+        if relevance not in RELEVANCE_LEVELS:
+            raise InputError(f"ground_truth: {path} row {number}: relevance {relevance!r} not in {list(RELEVANCE_LEVELS)}")
+        query, database = str(record["query"] or "").strip(), str(record["database"] or "").strip()
+        if not query or not database:
+            raise InputError(f"ground_truth: {path} row {number}: empty query or database path")
+        rows.append((PurePosixPath(query).as_posix(), PurePosixPath(database).as_posix(), relevance))
+    if not rows:
+        raise InputError(f"ground_truth: {path} lists no pairs")
+    return rows
+
+
+def _add_retrieval_splits(dataset, rows, test_items, test_root, query_root, max_side, workers) -> None:
+    if test_root is None:
+        raise InputError("ground_truth: needs test_root (the database images)")
+    query_folder = Path(query_root) if query_root else test_root
+    if not query_folder.is_dir():
+        raise InputError(f"query_root: {query_folder} is not a directory")
+    queries = sorted({query for query, _, _ in rows})
+    missing = [query for query in queries if not (query_folder / query).is_file()]
+    if missing:
+        raise InputError(f"ground_truth: {len(missing)} query images not found under {query_folder}, first: {missing[0]}")
+    candidates, _ = list_files(test_root)
+    listed = {database for _, database, _ in rows}
+    unknown = sorted(listed - set(candidates))
+    if unknown:
+        raise InputError(f"ground_truth: {len(unknown)} database images not found under {test_root}, first: {unknown[0]}")
+    test_items = {item.origin: item for item in test_items}
+    database = [_required(test_items[rel]) if rel in listed else test_items[rel] for rel in candidates]
+    query_items = [FileItem(path=query_folder / q, origin=q, required=True) for q in queries]
+    dataset.splits["database"] = file_split(SOURCE, "database", database, dataset, max_side or 0, workers, exif=True)
+    dataset.splits["query"] = file_split(SOURCE, "query", query_items, dataset, max_side or 0, workers, exif=True)
+    dataset.splits["test"] = empty_split()
+    dataset.rejected[:] = [entry for entry in dataset.rejected if entry["split"] != "test"] + [
+        {**entry, "split": "database"} for entry in dataset.rejected if entry["split"] == "test"]
+    query_index = {q: i for i, q in enumerate(queries)}
+
+    def table() -> pa.Table:
+        stored = dataset.splits["database"].columns["origin"]
+        position = {origin: i for i, origin in enumerate(stored)}
+        triples = [(query_index[q], position[d], relevance) for q, d, relevance in rows]
+        return ground_truth_table(triples, len(queries), len(stored))
+
+    dataset.ground_truth = table
+    dataset.info["protocols"] = ["positive"]
+
+
+def _required(item: FileItem) -> FileItem:
+    return FileItem(item.path, item.origin, item.label, item.class_name, item.crop, required=True)
 
 
 def _folder_item(folder: Path, relative: str, class_ids: dict[str, int]) -> FileItem:

@@ -14,6 +14,7 @@ before downscaling so that the longer side is at most ``max_side``.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -100,6 +101,20 @@ def decode_image(
     if min(pixels.shape[:2]) < 1:
         raise RejectedImage(f"crop box {tuple(crop)} is empty" if crop is not None else "image has no pixels")
     return downscale(pixels, max_side)
+
+
+def list_files(root: Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX paths under ``root``: (image candidates, other files), sorted."""
+    images, others = [], []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        for name in files:
+            path = Path(directory, name)
+            if not path.is_file():
+                continue
+            relative = path.relative_to(root).as_posix()
+            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(relative)
+    return sorted(images), sorted(others)
 
 
 @dataclass(frozen=True)

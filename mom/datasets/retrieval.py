@@ -22,8 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mom.datasets import PreparedDataset
-from mom.datasets.folder import list_files
-from mom.datasets.images import IMAGE_EXTENSIONS, FileItem, empty_split, file_split, require_files
+from mom.datasets.images import IMAGE_EXTENSIONS, FileItem, empty_split, file_split, list_files, require_files
 from mom.errors import InputError
 
 GROUND_TRUTH_SCHEMA = pa.schema([("query", pa.int64()), ("database", pa.int64()), ("relevance", pa.string())])
