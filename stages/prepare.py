@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import click
+import numpy as np
 from tqdm import tqdm
 
 from mom import artifacts
@@ -117,7 +118,8 @@ def remove_stale_outputs(out_dir: Path, keep: set[str], keep_ground_truth: bool)
 def split_counts(store: ImageStore) -> dict:
     labels = store.labels
     names = store.class_names
-    per_class = {names.get(label, str(label)): int((labels == label).sum()) for label in sorted(set(labels.tolist())) if label >= 0}
+    values, counts = np.unique(labels[labels >= 0], return_counts=True)
+    per_class = {names.get(int(label), str(int(label))): int(count) for label, count in zip(values, counts)}
     return {"count": len(store), "unlabeled": int((labels < 0).sum()), "classes": per_class}
 
 
