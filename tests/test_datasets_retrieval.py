@@ -158,3 +158,10 @@ def test_instre_errors(tmp_path):
     _make_instre(tmp_path / "b", boxes=((2, 3, 0, 12), (0, 0, 30, 20)))
     with pytest.raises(InputError, match="bounding box"):
         load_instre(tmp_path / "b")
+
+
+def test_classic_download_offline_is_one_clear_error(tmp_path, monkeypatch):
+    from mom.datasets import oxford_classic
+    monkeypatch.setattr(oxford_classic, "ARCHIVES", {"oxford5k": {"gt": ["http://127.0.0.1:9/gt_files_170407.tgz"]}})
+    with pytest.raises(InputError, match="download: cannot fetch http://127.0.0.1:9/gt_files_170407.tgz"):
+        prepare_classic(tmp_path, "oxford5k", download=True)
