@@ -82,6 +82,15 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def __getstate__(self):
+        # Pickled (e.g. into DataLoader workers started with spawn/forkserver)
+        # as its folder: the memory map is reopened instead of copied.
+        return {"folder": self.folder}
+
+    def __setstate__(self, state):
+        opened = ImageStore.open(state["folder"])
+        self.__dict__.update(opened.__dict__)
+
     def __getitem__(self, index: int) -> np.ndarray:
         index = int(index)
         if not -len(self) <= index < len(self):

@@ -118,3 +118,15 @@ def test_open_detects_inconsistent_folders(tmp_path):
     )
     with pytest.raises(InputError, match="channels must be 1 or 3"):
         ImageStore.open(tmp_path / "s")
+
+
+def test_pickles_as_its_folder_not_its_pixels(tmp_path):
+    import pickle
+
+    write_image_store(tmp_path / "s", _images(), _columns(4))
+    store = ImageStore.open(tmp_path / "s")
+    data = pickle.dumps(store)
+    assert len(data) < 500
+    again = pickle.loads(data)
+    assert len(again) == 4
+    np.testing.assert_array_equal(again[3], store[3])
