@@ -148,3 +148,18 @@ def test_cli_writes_query_database_and_ground_truth(tmp_path):
     table = artifacts.load_parquet(out / "ground_truth.parquet")
     assert table.schema.names == ["query", "database", "relevance"] and table.num_rows == 6
     assert ImageStore.open(out / "val").manifest.num_rows == 0
+
+
+def test_protocol_lists_match_a_brute_force_filter_on_random_tables():
+    from mom.datasets.retrieval import ground_truth_table
+
+    rng = np.random.default_rng(0)
+    n_queries, n_database = 7, 40
+    pairs = {(int(q), int(d)) for q, d in zip(rng.integers(0, n_queries, 150), rng.integers(0, n_database, 150))}
+    triples = [(q, d, str(rng.choice(["easy", "hard", "junk"]))) for q, d in sorted(pairs)]
+    table = ground_truth_table(triples[::-1], n_queries, n_database)
+    for protocol in ("easy", "medium", "hard"):
+        positive, junk = PROTOCOLS[protocol]
+        for q, (got_positive, got_junk) in enumerate(protocol_lists(table, n_queries, protocol)):
+            assert got_positive.tolist() == sorted(d for qq, d, level in triples if qq == q and level in positive)
+            assert got_junk.tolist() == sorted(d for qq, d, level in triples if qq == q and level in junk)

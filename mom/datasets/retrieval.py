@@ -84,14 +84,15 @@ def protocol_lists(table: pa.Table, n_queries: int, protocol: str) -> list[tuple
         raise InputError(f"protocol: unknown {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     positive_levels, junk_levels = PROTOCOLS[protocol]
     queries = table.column("query").to_numpy()
-    database = table.column("database").to_numpy()
-    levels = np.array(table.column("relevance").to_pylist(), dtype=object)
+    order = np.argsort(queries, kind="stable")
+    database = table.column("database").to_numpy()[order]
+    levels = np.array(table.column("relevance").to_pylist(), dtype=object)[order]
+    is_positive, is_junk = np.isin(levels, positive_levels), np.isin(levels, junk_levels)
+    bounds = np.searchsorted(queries[order], np.arange(n_queries + 1))
     lists = []
-    for query in range(n_queries):
-        mine = queries == query
-        positives = np.sort(database[mine & np.isin(levels, positive_levels)])
-        junk = np.sort(database[mine & np.isin(levels, junk_levels)])
-        lists.append((positives, junk))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rows = slice(start, stop)
+        lists.append((np.sort(database[rows][is_positive[rows]]), np.sort(database[rows][is_junk[rows]])))
     return lists
 
 
