@@ -99,7 +99,7 @@ def test_distractors_and_train_root(tmp_path):
 
 
 def test_bad_ground_truth_files(tmp_path):
-    with pytest.raises(InputError, match="gnd_roxford5k.pkl not found"):
+    with pytest.raises(InputError, match=r"gnd_roxford5k.pkl \(or .mat\) not found"):
         prepare_revisited(tmp_path, "roxford5k")
     _make_revisited(tmp_path / "a", gnd=[{"bbx": [0, 0, 5, 5], "easy": [6], "hard": [], "junk": []}] * 2)
     with pytest.raises(InputError, match=r"gnd\[0\]\['easy'\]: indices must be integers in 0..5"):
@@ -163,3 +163,25 @@ def test_protocol_lists_match_a_brute_force_filter_on_random_tables():
         for q, (got_positive, got_junk) in enumerate(protocol_lists(table, n_queries, protocol)):
             assert got_positive.tolist() == sorted(d for qq, d, level in triples if qq == q and level in positive)
             assert got_junk.tolist() == sorted(d for qq, d, level in triples if qq == q and level in junk)
+
+
+def test_matlab_release_gives_the_same_benchmark(tmp_path):
+    import scipy.io
+
+    from mom.datasets.revisited import load_revisited
+
+    _make_revisited(tmp_path / "pkl")
+    _make_revisited(tmp_path / "mat")
+    (tmp_path / "mat" / "gnd_roxford5k.pkl").unlink()
+    # The MATLAB layout: cells of names, a 1xQ struct with 1-based index rows.
+    gnd = np.zeros((1, 2), dtype=[("bbx", object), ("easy", object), ("hard", object), ("junk", object)])
+    gnd[0, 0] = (np.array([[2.4, 3.6, 20.5, 17.0]]), np.array([[1, 3]]), np.array([[6]]), np.array([[2]]))
+    gnd[0, 1] = (np.array([[0, 0, 32, 24]]), np.zeros((1, 0)), np.array([[4, 5]]), np.zeros((1, 0)))
+    cell = lambda names: np.array([names], dtype=object)  # noqa: E731
+    imlist = [f"all_souls_{i:06d}" for i in range(6)]
+    scipy.io.savemat(tmp_path / "mat" / "gnd_roxford5k.mat",
+                     {"imlist": cell(imlist), "qimlist": cell(["ashmolean_000001", "bodleian_000002"]), "gnd": gnd})
+    from_pickle, from_mat = load_revisited(tmp_path / "pkl", "roxford5k"), load_revisited(tmp_path / "mat", "roxford5k")
+    assert sorted(from_mat.relevance) == sorted(from_pickle.relevance)
+    assert [q.crop for q in from_mat.queries] == [q.crop for q in from_pickle.queries]
+    assert [d.origin for d in from_mat.database] == [d.origin for d in from_pickle.database]

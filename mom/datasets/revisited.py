@@ -8,7 +8,9 @@ dataset's folder (e.g. ``.../datasets/roxford5k``)::
                           easy, hard, junk: 0-based indices into imlist)
     jpg/<name>.jpg        all images, flat (queries are not in imlist)
 
-The pickle is read with :mod:`mom.safe_pickle` (plain data only). Queries are
+The pickle is read with :mod:`mom.safe_pickle` (plain data only). When only
+the MATLAB release ``gnd_<name>.mat`` is present (what the current revisitop
+scripts download: same fields, 1-based indices) it is read with scipy instead. Queries are
 cropped to ``bbx`` (Pillow ``crop``, as the benchmark's scripts do). Ground
 truth levels ``easy``/``hard``/``junk``; protocols Easy (positives easy; junk
 junk+hard), Medium (easy+hard; junk) and Hard (hard; junk+easy), see
@@ -20,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 
 from mom import safe_pickle
 from mom.datasets import PreparedDataset
@@ -54,9 +57,27 @@ def _names(value, key: str, where: Path) -> list[str]:
     return list(value)
 
 
+def read_mat_ground_truth(path: Path) -> dict:
+    """The MATLAB release in the pickle's shape (indices made 0-based)."""
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True)
+        names = {key: [str(name) for name in np.atleast_1d(mat[key])] for key in ("imlist", "qimlist")}
+        gnd = []
+        for entry in np.atleast_1d(mat["gnd"]):
+            fields = entry.dtype.names
+            parsed = {"bbx": np.atleast_1d(np.asarray(entry["bbx"], dtype=np.float64))}
+            for level in LEVELS:
+                values = np.atleast_1d(np.asarray(entry[level], dtype=np.float64)) if level in fields else np.zeros(0)
+                parsed[level] = values - 1
+            gnd.append(parsed)
+    except (KeyError, ValueError, TypeError, IndexError, OSError) as error:
+        raise InputError(f"{path}: not a revisited ground-truth file ({type(error).__name__}: {error})") from None
+    return {**names, "gnd": gnd}
+
+
 def parse_ground_truth(path: Path) -> tuple[list[str], list[str], list[dict]]:
     """``imlist``, ``qimlist`` and per query ``{"bbx": box, "easy"/"hard"/"junk": int64 arrays}``."""
-    data = safe_pickle.load(path)
+    data = read_mat_ground_truth(path) if path.suffix == ".mat" else safe_pickle.load(path)
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
         raise InputError(f"{path}: expected a dict with imlist, qimlist and gnd")
     imlist = _names(data["imlist"], "imlist", path)
@@ -91,8 +112,10 @@ def load_revisited(root: str | Path, name: str) -> Benchmark:
     if name not in NAMES:
         raise InputError(f"source: unknown revisited dataset {name!r}; allowed: {', '.join(NAMES)}")
     gnd_path = root / f"gnd_{name}.pkl"
+    if not gnd_path.is_file() and (root / f"gnd_{name}.mat").is_file():
+        gnd_path = root / f"gnd_{name}.mat"
     if not gnd_path.is_file():
-        raise InputError(f"root: {gnd_path} not found (the revisited ground truth; or turn on download)")
+        raise InputError(f"root: {gnd_path} (or .mat) not found (the revisited ground truth; or turn on download)")
     imlist, qimlist, queries = parse_ground_truth(gnd_path)
     database = [FileItem(path=root / "jpg" / f"{im}.jpg", origin=f"jpg/{im}.jpg", required=True) for im in imlist]
     query_items = [
