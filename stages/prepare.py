@@ -1,8 +1,11 @@
 """Stage ``prepare``: read a dataset's released layout, write packed image stores.
 
 Writes ``<out-dir>/<split>/{manifest.parquet,pixels.npy}`` for every split of
-the source (``train``, ``val``, ``test``) and ``<out-dir>/report.json`` (counts
-per split and class, skipped files with the reason).
+the source (``train``, ``val``, ``test``; retrieval benchmarks and a folder
+with ground truth also ``query`` and ``database``), ``<out-dir>/ground_truth.parquet``
+for retrieval benchmarks (query, database, relevance) and
+``<out-dir>/report.json`` (counts per split and class, skipped files with the
+reason, the source's protocol notes).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from tqdm import tqdm
 
 from mom import artifacts
 from mom.datasets import PreparedDataset
-from mom.datasets.fashion_mnist import prepare_fashion_mnist
 from mom.datasets.cars import prepare_cars
 from mom.datasets.cub import prepare_cub
+from mom.datasets.fashion_mnist import prepare_fashion_mnist
 from mom.datasets.folder import prepare_folder
 from mom.datasets.holidays import prepare_holidays
 from mom.datasets.instre import prepare_instre
@@ -29,7 +32,7 @@ from mom.datasets.revisited import prepare_revisited
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
-from stages._cli import stage_command, timed
+from stages._cli import require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -171,6 +174,8 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
 @stage_command("prepare")
 def main(**options):
     """Write the image stores of the train/val/test splits and report.json."""
+    require(options["max_side"] >= 0, f"max_side: must be >= 0 (0 = keep the size), got {options['max_side']}")
+    require(options["workers"] >= 0, f"--workers: must be >= 0 (0 = all cores), got {options['workers']}")
     options["workers"] = options["workers"] or os.cpu_count() or 1
     out_dir = Path(options.pop("out_dir"))
     dataset = load_source(options)

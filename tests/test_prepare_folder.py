@@ -252,3 +252,9 @@ def test_folder_ground_truth_needs_test_root(tmp_path):
     (tmp_path / "gt.csv").write_text("query,database\nq0.png,a/1.png\n")
     with pytest.raises(InputError, match="ground_truth: needs test_root"):
         prepare_folder(train, ground_truth=tmp_path / "gt.csv")
+
+
+def test_cli_rejects_negative_max_side_for_every_source(tmp_path):
+    result = CliRunner().invoke(main, ["--source", "cub", "--root", str(tmp_path), "--max_side", "-5",
+                                       "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "prepare: error: max_side: must be >= 0" in result.output
