@@ -47,65 +47,116 @@ def locality_order(adjacency: sp.csr_matrix) -> np.ndarray:
     return csgraph.reverse_cuthill_mckee(adjacency.tocsr(), symmetric_mode=True).astype(np.int64)
 
 
+def diffusion_system(a_hat: sp.csr_matrix, alpha: float) -> sp.csr_matrix:
+    """The matrix ``I - alpha A_hat`` of eq. (3), sparse (diagonal stored), in ``a_hat``'s dtype.
+
+    Symmetric positive definite for 0 < alpha < 1 (the eigenvalues of ``A_hat`` lie in [-1, 1]).
+    """
+    identity = sp.identity(a_hat.shape[0], dtype=a_hat.dtype, format="csr")
+    system = (identity - a_hat.multiply(alpha)).astype(a_hat.dtype).tocsr()
+    system.sort_indices()
+    return system
+
+
 @dataclass
 class CGResult:
-    """Solutions (n, b) and per-column convergence: final relative residual and iterations."""
+    """Solutions (n, b), per-column convergence (final relative residual, iterations), and
+    ``support``: the sorted rows outside which the solution is exactly zero (None: all rows)."""
 
     solution: np.ndarray
     relative_residual: np.ndarray
     iterations: np.ndarray
     residual_history: list = field(default_factory=list)
+    support: np.ndarray | None = None
 
 
-def block_cg(a_hat: sp.csr_matrix, rhs: np.ndarray, alpha: float, max_iter: int, tol: float) -> CGResult:
-    """Solve ``(I - alpha A_hat) X = rhs`` column by column, all columns at once.
+class _Support:
+    """Rows where the CG vectors can be non-zero, grown by one graph hop per product.
+
+    With x0 = 0, after t iterations x, r and p lie in span{b, M b, ..., M^t b}:
+    zero outside the t-hop neighbourhood of the right-hand sides' rows. Working
+    on those rows only is exact, and while the neighbourhood is small (early
+    iterations, anchors of one block close in the graph) it is far cheaper.
+    Once it exceeds ``full_fraction`` of the rows, everything switches to plain
+    full-length arithmetic.
+    """
+
+    def __init__(self, system: sp.csr_matrix, rhs: np.ndarray, full_fraction: float):
+        self.system = system
+        self.full_fraction = full_fraction
+        self.rows = np.flatnonzero(np.any(rhs != 0, axis=1))
+        self.rows_matrix = system[self.rows]
+        self.full = False
+
+    def grow(self) -> None:
+        """Extend to the rows one product away; keep ``rows_matrix = system[rows]``."""
+        if self.full:
+            return
+        mask = np.zeros(self.system.shape[0], dtype=bool)
+        mask[self.rows] = True
+        mask[self.rows_matrix.indices] = True
+        rows = np.flatnonzero(mask)
+        if len(rows) > self.full_fraction * self.system.shape[0]:
+            self.full, self.rows, self.rows_matrix = True, slice(None), self.system
+        else:
+            self.rows, self.rows_matrix = rows, self.system[rows]
+
+
+def block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: float,
+             full_fraction: float = 0.5) -> CGResult:
+    """Solve ``system X = rhs`` (symmetric positive definite) column by column, all columns at once.
 
     Independent CG recurrences (x0 = 0) per column sharing one sparse x dense
-    product per iteration. A column stops moving once its residual norm is at
-    most ``tol`` times its right-hand side's norm, or after ``max_iter``
-    iterations. ``residual_history[t]`` is the mean relative residual over
-    the columns after iteration t+1 (the reported convergence curve).
-    Dot products accumulate in float64.
+    product per iteration, restricted to the rows the iterates can reach
+    (:class:`_Support`; exact). A column stops moving once its residual norm is
+    at most ``tol`` times its right-hand side's norm, or after ``max_iter``
+    iterations. ``residual_history[t]`` is the mean relative residual over the
+    columns after iteration t+1 (the reported convergence curve). Column dot
+    products are accumulated in float64.
     """
-    dtype = a_hat.dtype
+    dtype = system.dtype
     x = np.zeros(rhs.shape, dtype=dtype)
     r = np.array(rhs, dtype=dtype, order="C")
     p = r.copy()
-    step = np.empty_like(r)
-    rhs_norm = np.sqrt(column_dot(r, r))
-    rhs_norm[rhs_norm == 0] = 1.0
+    support = _Support(system, rhs, full_fraction)
     rs = column_dot(r, r)
+    rhs_norm = np.sqrt(rs)
+    rhs_norm[rhs_norm == 0] = 1.0
     done = np.sqrt(rs) <= tol * rhs_norm
     iterations = np.zeros(rhs.shape[1], dtype=np.int64)
     history = []
     for _ in range(max_iter):
         if done.all():
             break
-        q = a_hat @ p
-        q *= -alpha
-        q += p
-        pq = column_dot(p, q)
+        support.grow()
+        rows = support.rows
+        q = support.rows_matrix @ p
+        p_rows = p[rows]
+        pq = column_dot(p_rows, q)
         step_length = np.where(done | (pq <= 0), 0.0, rs / np.where(pq > 0, pq, 1.0)).astype(dtype)
-        np.multiply(p, step_length, out=step)
-        x += step
-        np.multiply(q, step_length, out=step)
-        r -= step
-        rs_new = np.where(done, rs, column_dot(r, r))
+        x[rows] += p_rows * step_length
+        q *= step_length
+        r_rows = r[rows]
+        r_rows -= q
+        rs_new = np.where(done, rs, column_dot(r_rows, r_rows))
         iterations += ~done
         done = done | (np.sqrt(rs_new) <= tol * rhs_norm)
         beta = np.where(rs > 0, rs_new / np.where(rs > 0, rs, 1.0), 0.0).astype(dtype)
-        p *= beta
-        p += r
+        p_rows *= beta
+        p_rows += r_rows
+        if not support.full:  # fancy indexing returned copies: write them back
+            r[rows] = r_rows
+            p[rows] = p_rows
         rs = rs_new
         history.append(float(np.mean(np.sqrt(rs) / rhs_norm)))
-    return CGResult(x, np.sqrt(rs) / rhs_norm, iterations, history)
+    return CGResult(x, np.sqrt(rs) / rhs_norm, iterations, history, None if support.full else support.rows)
 
 
-def column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-column inner products of two (n, b) blocks, accumulated in float64."""
+def column_dot(a: np.ndarray, b: np.ndarray, chunk: int = 32768) -> np.ndarray:
+    """Per-column inner products of two (n, b) blocks: chunks in the blocks' dtype, summed in float64."""
     out = np.zeros(a.shape[1], dtype=np.float64)
-    for start in range(0, a.shape[0], 65536):
-        out += np.einsum("ij,ij->j", a[start:start + 65536], b[start:start + 65536], dtype=np.float64)
+    for start in range(0, a.shape[0], chunk):
+        out += np.einsum("ij,ij->j", a[start:start + chunk], b[start:start + chunk])
     return out
 
 
@@ -152,7 +203,9 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
 
     ``f_i*`` solves eq. (3) by :func:`block_cg` for blocks of ``block_size``
     anchors. With ``reorder`` the system is permuted by :func:`locality_order`
-    first (same solution, faster products); ids are mapped back.
+    first and blocks gather anchors that are close in that order (same
+    solution, faster: nearby rows in memory, overlapping neighbourhoods); ids
+    are mapped back and rows come out in the given anchor order.
     """
     n = adjacency.shape[0]
     if not 0 < alpha < 1:
@@ -163,26 +216,37 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
     order = locality_order(adjacency) if reorder else np.arange(n)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
-    a_hat = normalized_adjacency(adjacency[order][:, order].tocsr(), dtype=dtype)
+    system = diffusion_system(normalized_adjacency(adjacency[order][:, order].tocsr(), dtype=dtype), alpha)
+    schedule = np.argsort(position[anchors], kind="stable") if reorder else np.arange(len(anchors))
     ids = np.empty((len(anchors), k), dtype=np.int64)
     sims = np.empty((len(anchors), k), dtype=np.float32)
     residual = np.empty(len(anchors))
     iterations = np.empty(len(anchors), dtype=np.int64)
     history = []
     for start in range(0, len(anchors), block_size):
-        block = position[anchors[start:start + block_size]]
+        rows_out = schedule[start:start + block_size]
+        block = position[anchors[rows_out]]
         rhs = np.zeros((n, len(block)), dtype=dtype)
         rhs[block, np.arange(len(block))] = 1 - alpha
-        result = block_cg(a_hat, rhs, alpha, max_iter, tol)
-        block_ids, block_sims = top_k_columns(result.solution, block, k)
-        ids[start:start + len(block)] = np.where(block_ids >= 0, order[block_ids], -1)
-        sims[start:start + len(block)] = block_sims
-        residual[start:start + len(block)] = result.relative_residual
-        iterations[start:start + len(block)] = result.iterations
+        result = block_cg(system, rhs, max_iter, tol)
+        block_ids, block_sims = support_top_k(result, block, k)
+        ids[rows_out] = np.where(block_ids >= 0, order[np.maximum(block_ids, 0)], -1)
+        sims[rows_out] = block_sims
+        residual[rows_out] = result.relative_residual
+        iterations[rows_out] = result.iterations
         history.append(result.residual_history)
         if progress is not None:
             progress(len(block))
     return DiffusionResult(ids, sims, residual, iterations, _mean_history(history, len(anchors), block_size))
+
+
+def support_top_k(result: CGResult, block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k_columns` of a block solution, looking only at its support rows."""
+    if result.support is None:
+        return top_k_columns(result.solution, block, k)
+    rows = result.support
+    local_ids, sims = top_k_columns(result.solution[rows], np.searchsorted(rows, block), k)
+    return np.where(local_ids >= 0, rows[np.maximum(local_ids, 0)], -1), sims
 
 
 def _mean_history(histories: list, n_anchors: int, block_size: int) -> list:

@@ -40,6 +40,7 @@ class SearchSettings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 64
+    hnsw_self_entry: bool = True
     ivf_nlist: int = 4096
     ivf_nprobe: int = 64
     batch_size: int = 16384
@@ -137,9 +138,32 @@ def build_index(features: np.ndarray, method: str, settings: SearchSettings) -> 
         index.nprobe = min(settings.ivf_nprobe, nlist)
     else:
         raise InputError(f"search: no index for method {method!r}")
-    for start in range(0, n, settings.batch_size):
-        index.add(np.ascontiguousarray(features[start:start + settings.batch_size], dtype=np.float32))
+    if method == "hnsw":
+        # one call: faiss links each batch of an HNSW add among itself, so adding in
+        # batches wrecks the graph (recall 0.997 -> 0.98 at 16k-item batches on 20k items)
+        index.add(np.ascontiguousarray(features, dtype=np.float32))
+    else:
+        for start in range(0, n, settings.batch_size):
+            index.add(np.ascontiguousarray(features[start:start + settings.batch_size], dtype=np.float32))
     return index
+
+
+def hnsw_self_search(index: faiss.IndexHNSW, block: np.ndarray, first_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of indexed items, each search entering the HNSW base layer at the item itself.
+
+    The item's own node is the best possible entry point, so the descent through
+    the upper layers is skipped: faster, and no greedy search gets stuck far from
+    its target (which on curve-like data loses whole neighbourhoods).
+    """
+    count = block.shape[0]
+    entry = np.arange(first_id, first_id + count, dtype=np.int32)
+    # the HNSW search works with distances; for inner product these are negated similarities
+    entry_distance = -np.einsum("ij,ij->i", block, block).astype(np.float32)
+    sims = np.empty((count, k), dtype=np.float32)
+    ids = np.empty((count, k), dtype=np.int64)
+    index.search_level_0(count, faiss.swig_ptr(block), k, faiss.swig_ptr(entry), faiss.swig_ptr(entry_distance),
+                         faiss.swig_ptr(sims), faiss.swig_ptr(ids), 1, 1)
+    return sims, ids
 
 
 def knn_search(features: np.ndarray, k: int, count_self: bool = True,
@@ -163,6 +187,8 @@ def knn_search(features: np.ndarray, k: int, count_self: bool = True,
         block = np.ascontiguousarray(features[start:start + settings.batch_size], dtype=np.float32)
         if index is None:
             block_ids, block_sims = exact_search(block, features, n_other + 1)
+        elif method == "hnsw" and settings.hnsw_self_entry:
+            block_sims, block_ids = hnsw_self_search(index, block, start, n_other + 1)
         else:
             block_sims, block_ids = index.search(block, n_other + 1)
         block_ids, block_sims = drop_self(block_ids.astype(np.int64), block_sims, start, n_other)

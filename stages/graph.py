@@ -52,6 +52,8 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
 @click.option("--hnsw_m", type=int, default=32, show_default=True)
 @click.option("--hnsw_ef_construction", type=int, default=40, show_default=True)
 @click.option("--hnsw_ef_search", type=int, default=64, show_default=True)
+@click.option("--hnsw_self_entry/--no-hnsw_self_entry", default=True, show_default=True,
+              help="search each item's neighbours from its own HNSW node (faster, fewer stuck searches)")
 @click.option("--ivf_nlist", type=int, default=4096, show_default=True)
 @click.option("--ivf_nprobe", type=int, default=64, show_default=True)
 @click.option("--recall_sample", type=int, default=1000, show_default=True,
@@ -63,7 +65,8 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/graph", show_default=True)
 @stage_command("graph")
-def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construction, hnsw_ef_search, ivf_nlist,
+def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
+         hnsw_self_entry, ivf_nlist,
          ivf_nprobe, recall_sample, threads, seed, features_path, out_dir):
     """Build the reciprocal kNN graph, the kNN lists and the graph report."""
     require(gamma > 0, f"gamma={gamma}: must be positive")
@@ -81,7 +84,7 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
     if threads:
         faiss.omp_set_num_threads(threads)
     settings = SearchSettings(search, exact_max_items, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
-                              ivf_nlist, ivf_nprobe, seed=seed)
+                              hnsw_self_entry, ivf_nlist, ivf_nprobe, seed=seed)
     with timed("searched neighbours"), tqdm(total=n, desc="graph search", unit="item", leave=False) as bar:
         ids, sims, method = knn_search(features, k, count_self, settings, progress=bar.update)
     log.info("search: %s, %d items x %d neighbours", method, n, ids.shape[1])

@@ -3,8 +3,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import cg
 
-from mom.diffusion import (block_cg, dense_manifold_similarity, manifold_neighbours, normalized_adjacency,
-                           top_k_columns)
+from mom.diffusion import (block_cg, dense_manifold_similarity, diffusion_system, manifold_neighbours,
+                           normalized_adjacency, top_k_columns)
 from mom.errors import InputError
 from mom.graph import knn_search, reciprocal_graph
 
@@ -42,7 +42,7 @@ def test_converged_block_cg_equals_dense_inverse(dtype, tol):
     graph = knn_graph()
     reference = dense_manifold_similarity(graph, ALPHA)
     anchors = np.array([0, 3, 77, 149, 42])
-    result = block_cg(normalized_adjacency(graph, dtype=dtype), unit_rhs(150, anchors), ALPHA, 2000, tol)
+    result = block_cg(diffusion_system(normalized_adjacency(graph, dtype=dtype), ALPHA), unit_rhs(150, anchors), 2000, tol)
     assert (result.relative_residual <= tol).all()
     for column, anchor in enumerate(anchors):
         expected = reference[:, anchor]
@@ -52,7 +52,8 @@ def test_converged_block_cg_equals_dense_inverse(dtype, tol):
 
 def test_manifold_similarity_is_symmetric():
     graph = knn_graph()
-    result = block_cg(normalized_adjacency(graph, dtype=np.float64), unit_rhs(150, np.arange(150)), ALPHA, 2000, 1e-12)
+    result = block_cg(diffusion_system(normalized_adjacency(graph, dtype=np.float64), ALPHA), unit_rhs(150, np.arange(150)),
+                      2000, 1e-12)
     np.testing.assert_allclose(result.solution, result.solution.T, atol=1e-9)
 
 
@@ -64,7 +65,7 @@ def test_twenty_iterations_equal_reference_cg_per_anchor():
     a_hat = normalized_adjacency(graph, dtype=np.float64)
     system = sp.identity(150) - ALPHA * a_hat
     anchors = np.array([1, 50, 99])
-    result = block_cg(a_hat, unit_rhs(150, anchors), ALPHA, 20, 1e-30)
+    result = block_cg(diffusion_system(a_hat, ALPHA), unit_rhs(150, anchors), 20, 1e-30)
     assert (result.iterations == 20).all()
     assert len(result.residual_history) == 20
     reference = dense_manifold_similarity(graph, ALPHA)
@@ -125,3 +126,17 @@ def test_bad_options():
         manifold_neighbours(graph, np.array([0]), k=5, alpha=1.0)
     with pytest.raises(InputError, match="k=150"):
         manifold_neighbours(graph, np.array([0]), k=150)
+
+
+def test_support_tracking_is_exact():
+    """Working only on the rows the iterates can reach gives the same iterates as full-length CG."""
+    block = knn_graph(n=80, seed=2)
+    graph = sp.block_diag([block, block, block]).tocsr()  # anchors' neighbourhoods stay small
+    system = diffusion_system(normalized_adjacency(graph, dtype=np.float64), ALPHA)
+    rhs = unit_rhs(240, np.array([3, 100]))
+    tracked = block_cg(system, rhs, 20, 1e-30, full_fraction=1.0)
+    full = block_cg(system, rhs, 20, 1e-30, full_fraction=0.0)
+    assert tracked.support is not None and len(tracked.support) <= 160 and full.support is None
+    np.testing.assert_allclose(tracked.solution, full.solution, rtol=1e-12, atol=1e-15)
+    outside = np.setdiff1d(np.arange(240), tracked.support)
+    assert (tracked.solution[outside] == 0).all()
