@@ -140,3 +140,23 @@ def test_support_tracking_is_exact():
     np.testing.assert_allclose(tracked.solution, full.solution, rtol=1e-12, atol=1e-15)
     outside = np.setdiff1d(np.arange(240), tracked.support)
     assert (tracked.solution[outside] == 0).all()
+
+
+def test_truncation_to_the_whole_graph_equals_the_full_solve_and_small_truncation_is_reported():
+    from mom.diffusion import neighbour_agreement, truncated_manifold_neighbours
+    graph = knn_graph()
+    anchors = np.array([3, 30, 130])
+    full = manifold_neighbours(graph, anchors, k=10, dtype=np.float64, max_iter=20)
+    everything = np.tile(np.arange(150), (3, 1))
+    whole = truncated_manifold_neighbours(graph, anchors, everything, k=10, dtype=np.float64, max_iter=20)
+    np.testing.assert_array_equal(whole.ids, full.ids)
+    np.testing.assert_allclose(whole.similarities, full.similarities, rtol=1e-6)
+    assert neighbour_agreement(whole.ids, full.ids) == 1.0
+    x = np.random.default_rng(0).normal(size=(150, 8)).astype(np.float32)  # same features as knn_graph()
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    from mom.graph import neighbours_of
+    near, _ = neighbours_of(x, anchors, 40)
+    truncated = truncated_manifold_neighbours(graph, anchors, near, k=10, dtype=np.float64)
+    agreement = neighbour_agreement(truncated.ids, full.ids)
+    assert 0 < agreement <= 1
+    assert set(truncated.ids[0][truncated.ids[0] >= 0]) <= set(near[0])

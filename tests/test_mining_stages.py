@@ -103,3 +103,14 @@ def test_errors_are_one_line(collection, tmp_path):
                               "--manifold", tmp_path / "ok/diffuse/manifold_knn.parquet",
                               "--prepared", root / "prepared", "--out-dir", tmp_path / "mine"])
     assert result.exit_code == 2 and "diffuse.k" in result.output
+
+
+def test_truncated_diffusion_reports_agreement(collection, tmp_path):
+    root, _ = collection
+    run_pipeline(root, tmp_path)
+    result = run(diffuse_stage, ["--k", 60, "--truncate", 120, "--agreement_sample", 20,
+                                 "--features", root / "features.npy", "--graph", tmp_path / "graph/adjacency.npz",
+                                 "--anchors", tmp_path / "anchors/anchors.parquet", "--out-dir", tmp_path / "trunc"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "trunc/report.json").read_text())
+    assert report["truncation"]["sample"] == 20 and 0.5 < report["truncation"]["agreement_at_k"] <= 1
