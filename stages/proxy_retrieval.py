@@ -1,0 +1,216 @@
+"""Stage ``proxy_retrieval``: an embedded retrieval benchmark on held-out items.
+
+A PROXY, not Oxford/Paris (see :mod:`mom.proxy_retrieval`): ``objects`` items of
+``--test`` (the held-out classes) each give one augmented query view and
+``views_in_database`` augmented database views; a query's positives are its own
+object's views. For every augmentation level (``levels``, :mod:`mom.augment`)
+the views are ranked with
+
+- ``raw_pixels``: flattened l2-normalized pixels (unless ``--no-raw_pixels``);
+- ``initial``: the pretrained network of the ``extract`` stage (``backbone``,
+  ``weights``, ``pooling``, ``gem_p``, ``aggregation``, ``batch_size``,
+  ``device`` come from the ``extract`` section; ``scales`` from this stage's
+  own section, to keep equal to ``extract.scales``);
+- ``finetuned``: ``--model`` (omitted when given as ``''``), embedded at the
+  scales and aggregation its checkpoint records;
+- ``finetuned_whitened``: the same, then ``--whitening`` (omitted when ``''``).
+
+Writes ``--metrics`` (JSON, DVC metrics): mAP and mP@k per level and
+descriptor, with a ``note`` saying it is a proxy.
+
+    python -m stages.proxy_retrieval --objects 500 --model '' --whitening ''
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from mom import artifacts, extraction, networks, whitening
+from mom import proxy_retrieval as proxy
+from mom.augment import LEVELS
+from mom.backbones import BACKBONES
+from mom.imagestore import ImageStore
+from mom.pooling import POOLINGS
+from stages._cli import require, stage_command, timed
+
+log = logging.getLogger("mom")
+
+MAX_SCALE = 4096
+NOTE = ("PROXY benchmark, not Oxford/Paris: held-out Fashion-style items as objects, one augmented view "
+        "as the query, the other augmented views of the same item as its only positives; measures "
+        "invariance to synthetic augmentations, not landmark retrieval.")
+
+
+def validate(options: dict) -> None:
+    """One-line InputError for any option out of range, before heavy work."""
+    require(options["objects"] == 0 or options["objects"] >= 2,
+            f"--objects: 0 (every item) or at least 2, got {options['objects']}")
+    require(options["views_in_database"] >= 1, f"--views_in_database: at least 1, got {options['views_in_database']}")
+    levels = list(options["levels"])
+    require(levels and all(level in LEVELS for level in levels) and len(set(levels)) == len(levels),
+            f"--levels: one or more distinct of {', '.join(LEVELS)}, got {levels}")
+    ks = list(options["precision_ks"])
+    require(ks and min(ks) >= 1, f"--precision_ks: one or more positive integers, got {ks}")
+    scales = list(options["scales"])
+    require(scales and all(1 <= s <= MAX_SCALE for s in scales) and len(set(scales)) == len(scales),
+            f"--scales: one or more distinct sizes in 1..{MAX_SCALE}, got {scales}")
+    require(options["backbone"] in BACKBONES, f"--backbone: one of {', '.join(BACKBONES)}, got {options['backbone']!r}")
+    require(options["pooling"] in POOLINGS, f"--pooling: one of {', '.join(POOLINGS)}, got {options['pooling']!r}")
+    require(options["gem_p"] > 0, f"--gem_p: must be positive, got {options['gem_p']}")
+    require(options["aggregation"] in extraction.AGGREGATIONS,
+            f"--aggregation: one of {', '.join(extraction.AGGREGATIONS)}, got {options['aggregation']!r}")
+    require(options["batch_size"] >= 1, f"--batch_size: at least 1, got {options['batch_size']}")
+    require(options["threads"] >= 0, f"--threads: 0 (torch's default) or more, got {options['threads']}")
+    device = options["device"]
+    require(device == "cpu" or device.startswith("cuda"), f"--device: cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        require(torch.cuda.is_available(), f"--device: {device} requested but no CUDA device is available; use cpu")
+
+
+def open_test(path: Path, objects: int) -> ImageStore:
+    store = ImageStore.open(path)
+    require(len(store) >= 2, f"--test: {path} holds {len(store)} items; the benchmark needs at least 2")
+    require(objects <= len(store), f"--objects: at most the {len(store)} items of {path}, got {objects}")
+    return store
+
+
+def load_finetuned(model_path: str, whitening_path: str, options: dict):
+    """``(net, scales, aggregation, whitening or None)``, or ``None`` without a model."""
+    if not model_path:
+        require(not whitening_path, "--whitening: needs --model (the whitening belongs to the fine-tuned network)")
+        return None
+    net, extra = networks.load_checkpoint(model_path)
+    recorded = extra.get("embedding", {})
+    scales = [int(s) for s in recorded.get("scales", options["scales"])]
+    aggregation = recorded.get("aggregation", options["aggregation"])
+    require(scales and min(scales) >= 1 and aggregation in extraction.AGGREGATIONS,
+            f"--model: {model_path} records unusable embedding settings {recorded}")
+    white = None
+    if whitening_path:
+        mean, projection, method = whitening.load_whitening(whitening_path)
+        require(projection.shape[1] == net.dim,
+                f"--whitening: {whitening_path} was learned for {projection.shape[1]}-d descriptors, "
+                f"the model gives {net.dim}-d")
+        white = (mean, projection, method)
+    return net, scales, aggregation, white
+
+
+def embed_views(net, images, scales, aggregation, options) -> np.ndarray:
+    return extraction.embed_store(net, proxy.ViewStore(images), scales, options["batch_size"], options["device"],
+                                  aggregation=aggregation, aggregation_p=options["gem_p"], progress=False)
+
+
+def rounded(values: dict) -> dict:
+    return {key: round(float(value), 6) for key, value in values.items()}
+
+
+def evaluate_level(benchmark, initial_net, finetuned, options) -> dict:
+    """Every descriptor's mAP and mP@k on one level's views."""
+    positives, ks = benchmark.positives, sorted(set(options["precision_ks"]))
+    result = {}
+
+    def score(name, queries, database):
+        result[name] = rounded(proxy.evaluate(queries, database, positives, ks))
+        log.info("%s %s: mAP %.2f, %s", benchmark.level, name, 100 * result[name]["map"],
+                 ", ".join(f"mP@{k} {100 * result[name][f'mp_at_{k}']:.2f}" for k in ks))
+
+    if options["raw_pixels"]:
+        score("raw_pixels", proxy.raw_pixel_descriptors(benchmark.queries, _raw_side(benchmark)),
+              proxy.raw_pixel_descriptors(benchmark.database, _raw_side(benchmark)))
+    with timed(f"{benchmark.level}: embedded {len(benchmark.queries) + len(benchmark.database)} views, initial network"):
+        score("initial", embed_views(initial_net, benchmark.queries, options["scales"], options["aggregation"], options),
+              embed_views(initial_net, benchmark.database, options["scales"], options["aggregation"], options))
+    if finetuned is not None:
+        net, scales, aggregation, white = finetuned
+        with timed(f"{benchmark.level}: embedded the views, fine-tuned network"):
+            queries = embed_views(net, benchmark.queries, scales, aggregation, options)
+            database = embed_views(net, benchmark.database, scales, aggregation, options)
+        score("finetuned", queries, database)
+        if white is not None:
+            mean, projection, _ = white
+            score("finetuned_whitened", whitening.apply_whitening(queries, mean, projection),
+                  whitening.apply_whitening(database, mean, projection))
+    return result
+
+
+def _raw_side(benchmark) -> int | None:
+    """Native pixels when every image has one shape (views keep their item's shape), else 32 x 32 grey."""
+    return None if len({image.shape for image in benchmark.queries}) == 1 else 32
+
+
+@click.command()
+@click.option("--objects", type=int, default=500, show_default=True, help="held-out items used as objects (0 = all)")
+@click.option("--views_in_database", type=int, default=4, show_default=True, help="database views per object")
+@click.option("--levels", multiple=True, default=("strong", "mild"), show_default=True,
+              help=f"augmentation levels ({', '.join(LEVELS)}); repeat the option")
+@click.option("--seed", type=int, default=0, show_default=True, help="object choice and every augmentation")
+@click.option("--raw_pixels/--no-raw_pixels", default=True, show_default=True, help="also rank by raw pixels")
+@click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
+@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
+              help="initial network's input sizes (longer side); keep equal to extract.scales")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0 = torch's default)")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="as extract.backbone")
+@click.option("--weights", default="", show_default=True, help="as extract.weights ('' = the default source)")
+@click.option("--pooling", default="gem", show_default=True, help="as extract.pooling")
+@click.option("--gem_p", type=float, default=3.0, show_default=True, help="as extract.gem_p")
+@click.option("--aggregation", default="sum", show_default=True, help="as extract.aggregation")
+@click.option("--batch_size", type=int, default=128, show_default=True, help="as extract.batch_size")
+@click.option("--device", default="cpu", show_default=True, help="as extract.device")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), default=Path("data/prepared/test"), show_default=True)
+@click.option("--model", "model_path", default="data/finetune/model.pt", show_default=True,
+              help="fine-tuned checkpoint ('' = skip the fine-tuned rows)")
+@click.option("--whitening", "whitening_path", default="data/whiten/whitening.npz", show_default=True,
+              help="whitening of the fine-tuned descriptors ('' = skip)")
+@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path),
+              default=Path("metrics/proxy_retrieval.json"), show_default=True)
+@stage_command("proxy_retrieval")
+def main(test_dir: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
+    """Proxy retrieval mAP of raw pixels, the initial and the fine-tuned network."""
+    validate(options)
+    store = open_test(test_dir, options["objects"])
+    finetuned = load_finetuned(model_path, whitening_path, options)
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    initial_net = networks.build_network(networks.make_meta(options["backbone"], options["pooling"], options["gem_p"]),
+                                         weights=options["weights"] or None)
+    items = proxy.select_objects(len(store), options["objects"], options["seed"])
+    log.info("%d objects of %s, 1 query + %d database views each, levels %s, %d torch threads", len(items), test_dir,
+             options["views_in_database"], list(options["levels"]), torch.get_num_threads())
+
+    result = header(items, options, finetuned, model_path, whitening_path)
+    for level in options["levels"]:
+        with timed(f"{level}: augmented {len(items)} objects"):
+            benchmark = proxy.build_benchmark(store, items, level, options["views_in_database"], options["seed"],
+                                              progress=True)
+        result["levels"][level] = evaluate_level(benchmark, initial_net, finetuned, options)
+    artifacts.save_json(metrics_path, result)
+    log.info("wrote %s", metrics_path)
+
+
+def header(items, options: dict, finetuned, model_path: str, whitening_path: str) -> dict:
+    result = {
+        "note": NOTE,
+        "objects": len(items),
+        "queries": len(items),
+        "database": len(items) * options["views_in_database"],
+        "views_in_database": options["views_in_database"],
+        "seed": options["seed"],
+        "settings": {"initial": {key: options[key] for key in ("backbone", "pooling", "gem_p", "aggregation")}
+                     | {"scales": list(options["scales"])}},
+    }
+    if finetuned is not None:
+        _, scales, aggregation, white = finetuned
+        result["settings"]["finetuned"] = {"model": model_path, "scales": scales, "aggregation": aggregation}
+        if white is not None:
+            result["settings"]["finetuned"]["whitening"] = {"file": whitening_path, "method": white[2],
+                                                "dim": int(white[1].shape[0])}
+    result["levels"] = {}
+    return result
+
+
+if __name__ == "__main__":
+    main()
