@@ -175,6 +175,8 @@ def main():
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--max-iter", type=int, default=20)
     parser.add_argument("--no-reorder", action="store_true")
+    parser.add_argument("--full-length-anchors", type=int, default=128,
+                        help="anchors also solved with full-length vectors (no support tracking; 0: skip)")
     parser.add_argument("--scipy-anchors", type=int, default=8, help="anchors timed with scipy cg (0: skip)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -227,6 +229,16 @@ def main():
         info.update(per_anchor_seconds=None, mean_relative_residual=float(diffusion.relative_residual.mean()),
                     mean_neighbours=float((diffusion.ids >= 0).sum(axis=1).mean()))
     RESULTS["diffuse"]["per_anchor_seconds"] = round(RESULTS["diffuse"]["seconds"] / len(anchors), 4)
+    if args.full_length_anchors:
+        # the cost where every iterate fills the whole graph (one giant component):
+        # the same solve with the support tracking switched off, on a few blocks
+        with step("diffuse_full_length") as info:
+            chosen = anchors[:args.full_length_anchors]
+            manifold_neighbours(adjacency, chosen, k_neg, max_iter=args.max_iter, tol=1e-6,
+                                block_size=args.block_size, reorder=not args.no_reorder, full_fraction=0.0)
+            info.update(anchors=len(chosen))
+        RESULTS["diffuse_full_length"]["per_anchor_seconds"] = round(
+            RESULTS["diffuse_full_length"]["seconds"] / len(chosen), 4)
     with step("mine") as info:
         euclidean_ids, _ = neighbours_of(features, anchors, k_neg)
         positives = manifold_positives(diffusion.ids, euclidean_ids, args.k_pos, 50)
@@ -249,6 +261,9 @@ def main():
                 scipy_cg_per_anchor(adjacency, chosen, 0.99, args.max_iter, reorder=True), 4)
             info["block_cg_speedup_vs_scipy"] = round(
                 info["per_anchor_seconds_original_order"] / RESULTS["diffuse"]["per_anchor_seconds"], 2)
+            if "diffuse_full_length" in RESULTS:
+                info["full_length_block_cg_speedup_vs_scipy"] = round(
+                    info["per_anchor_seconds_original_order"] / RESULTS["diffuse_full_length"]["per_anchor_seconds"], 2)
     print(json.dumps(RESULTS, indent=2), flush=True)
     if args.json:
         artifacts.save_json(args.json, RESULTS)

@@ -198,7 +198,8 @@ class DiffusionResult:
 
 def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, alpha: float = 0.99,
                         max_iter: int = 20, tol: float = 1e-6, block_size: int = 64,
-                        reorder: bool = True, dtype=np.float32, progress=None) -> DiffusionResult:
+                        reorder: bool = True, dtype=np.float32, progress=None,
+                        full_fraction: float = 0.5) -> DiffusionResult:
     """``NN_k^m`` of every anchor (eq. (4)): the k nodes with the largest ``f_i*``, anchor excluded.
 
     ``f_i*`` solves eq. (3) by :func:`block_cg` for blocks of ``block_size``
@@ -206,6 +207,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
     first and blocks gather anchors that are close in that order (same
     solution, faster: nearby rows in memory, overlapping neighbourhoods); ids
     are mapped back and rows come out in the given anchor order.
+    ``full_fraction`` is :func:`block_cg`'s (0: always full-length vectors).
     """
     n = adjacency.shape[0]
     if not 0 < alpha < 1:
@@ -228,7 +230,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
         block = position[anchors[rows_out]]
         rhs = np.zeros((n, len(block)), dtype=dtype)
         rhs[block, np.arange(len(block))] = 1 - alpha
-        result = block_cg(system, rhs, max_iter, tol)
+        result = block_cg(system, rhs, max_iter, tol, full_fraction)
         block_ids, block_sims = support_top_k(result, block, k)
         ids[rows_out] = np.where(block_ids >= 0, order[np.maximum(block_ids, 0)], -1)
         sims[rows_out] = block_sims

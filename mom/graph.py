@@ -92,10 +92,8 @@ def drop_self(ids: np.ndarray, sims: np.ndarray, own, n_keep: int) -> tuple[np.n
     column is dropped instead. Missing results (id -1) keep id -1.
     """
     own = (np.arange(own, own + ids.shape[0]) if np.isscalar(own) else np.asarray(own))[:, None]
-    sims = np.where(ids < 0, -np.inf, sims)
-    order = _row_order(ids, sims)
-    ids = np.take_along_axis(ids, order, axis=1)
-    sims = np.take_along_axis(sims, order, axis=1)
+    sims = np.where(ids < 0, -np.inf, sims).astype(np.float32)
+    ids, sims = _sort_rows(ids, sims)
     is_self = ids == own
     missing = ~is_self.any(axis=1)
     is_self[missing, -1] = True
@@ -105,11 +103,18 @@ def drop_self(ids: np.ndarray, sims: np.ndarray, own, n_keep: int) -> tuple[np.n
     return ids, sims
 
 
-def _row_order(ids: np.ndarray, sims: np.ndarray) -> np.ndarray:
-    """Per-row permutation sorting by descending similarity, then ascending id."""
-    rows = np.arange(ids.shape[0])[:, None].repeat(ids.shape[1], axis=1)
-    flat = np.lexsort((ids.ravel(), -sims.ravel(), rows.ravel()))
-    return (flat % ids.shape[1]).reshape(ids.shape)
+def _sort_rows(ids: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by descending similarity, ties by ascending id.
+
+    faiss returns rows already sorted by similarity, so only rows holding a tie
+    (or out of order) are re-sorted.
+    """
+    unsorted = (np.diff(sims, axis=1) >= 0).any(axis=1)
+    ids, sims = ids.copy(), sims.copy()
+    for row in np.flatnonzero(unsorted):
+        order = np.lexsort((ids[row], -sims[row]))
+        ids[row], sims[row] = ids[row][order], sims[row][order]
+    return ids, sims
 
 
 def exact_search(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
