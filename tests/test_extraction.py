@@ -1,0 +1,111 @@
+"""embed_store: rows follow the manifest, per-image definition, subsets, determinism, multi-scale."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mom import extraction
+from mom.imagestore import ImageStore, write_image_store
+from mom.networks import build_network, make_meta
+
+RNG = np.random.default_rng(0)
+GRAY = [RNG.integers(0, 256, (28, 28, 1), dtype=np.uint8) for _ in range(10)]
+
+
+def make_store(folder, images) -> ImageStore:
+    n = len(images)
+    write_image_store(folder, images, {"source": ["t"] * n, "split": ["train"] * n, "origin": [str(i) for i in range(n)]})
+    return ImageStore.open(folder)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return build_network(make_meta("efficientnet_lite0", "gem", 3.0))
+
+
+def embed_one(net, image: np.ndarray, scale: int) -> torch.Tensor:
+    """The definition, one image at a time: 3-channel float pixels, longer side
+    resized to ``scale`` (bilinear, antialiased), through the network."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    size = extraction.resized_size(image.shape[0], image.shape[1], scale)
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = x.repeat(1, 3 // x.shape[1], 1, 1)
+    with torch.inference_mode():
+        return net(x)[0]
+
+
+def test_resized_size_keeps_aspect():
+    assert extraction.resized_size(28, 28, 64) == (64, 64)
+    assert extraction.resized_size(20, 30, 64) == (43, 64)
+    assert extraction.resized_size(30, 20, 64) == (64, 43)
+    assert extraction.resized_size(1, 500, 64) == (1, 64)
+
+
+def test_rows_follow_the_manifest_and_the_definition(tmp_path, net):
+    images = GRAY[:6] + [RNG.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 30, 3), (30, 20, 3), (20, 30, 1)]]
+    store = make_store(tmp_path / "a", images)
+    features = extraction.embed_store(net, store, [32], batch_size=4, progress=False)
+    assert features.dtype == np.float32 and features.shape == (len(images), 1280)
+    for row, image in enumerate(images):
+        assert np.allclose(features[row], embed_one(net, image, 32).numpy(), atol=1e-5), row
+    assert np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
+
+    order = RNG.permutation(len(images))
+    shuffled = make_store(tmp_path / "b", [images[i] for i in order])
+    assert np.allclose(extraction.embed_store(net, shuffled, [32], batch_size=3, progress=False), features[order], atol=1e-5)
+
+
+def test_index_subsets(tmp_path, net):
+    store = make_store(tmp_path / "s", GRAY)
+    full = extraction.embed_store(net, store, [32], batch_size=4, progress=False)
+    subset = [7, 2, 2, 9]
+    assert np.allclose(extraction.embed_store(net, store, [32], batch_size=4, indices=subset, progress=False),
+                       full[subset], atol=1e-5)
+    empty = extraction.embed_store(net, store, [32], indices=[], progress=False)
+    assert empty.shape == (0, 1280)
+    with pytest.raises(IndexError):
+        extraction.embed_store(net, store, [32], indices=[10], progress=False)
+
+
+def test_same_bytes_twice(tmp_path, net):
+    store = make_store(tmp_path / "s", GRAY[:6])
+    first = extraction.embed_store(net, store, [32, 48], batch_size=4, progress=False)
+    second = extraction.embed_store(net, store, [32, 48], batch_size=4, progress=False)
+    assert first.tobytes() == second.tobytes()
+
+
+def test_multi_scale_aggregation(tmp_path, net):
+    store = make_store(tmp_path / "s", GRAY[:5])
+    small, large = (extraction.embed_store(net, store, [s], batch_size=8, progress=False).astype(np.float64) for s in (32, 48))
+    summed = small + large
+    expected_sum = summed / np.linalg.norm(summed, axis=1, keepdims=True)
+    got_sum = extraction.embed_store(net, store, [32, 48], batch_size=8, aggregation="sum", progress=False)
+    assert np.allclose(got_sum, expected_sum, atol=1e-5)
+
+    p = 3.0
+    gem = ((small ** p + large ** p) / 2) ** (1 / p)
+    expected_gem = gem / np.linalg.norm(gem, axis=1, keepdims=True)
+    got_gem = extraction.embed_store(net, store, [32, 48], batch_size=8, aggregation="gem", aggregation_p=p, progress=False)
+    assert np.allclose(got_gem, expected_gem, atol=1e-5)
+    assert not np.allclose(got_gem, got_sum, atol=1e-4)
+
+
+def test_gem_aggregation_needs_non_negative_descriptors():
+    with pytest.raises(ValueError, match="non-negative"):
+        extraction.aggregate_scales([torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]])], "gem")
+
+
+def test_batches_group_equal_sizes_in_given_order():
+    shapes = np.array([[28, 28, 1], [20, 30, 3], [28, 28, 3], [20, 30, 1], [28, 28, 1]])
+    batches = extraction.plan_batches(shapes, [64], batch_size=2)
+    assert [b.tolist() for b in batches] == [[0, 2], [4], [1, 3]]
+
+
+def test_training_mode_is_restored(tmp_path, net):
+    store = make_store(tmp_path / "s", GRAY[:2])
+    net.train()
+    try:
+        extraction.embed_store(net, store, [32], progress=False)
+        assert net.training
+    finally:
+        net.eval()
