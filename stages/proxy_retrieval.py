@@ -45,8 +45,10 @@ NOTE = ("PROXY benchmark, not Oxford/Paris: held-out Fashion-style items as obje
         "invariance to synthetic augmentations, not landmark retrieval.")
 
 
-def validate(options: dict) -> None:
+def validate(options: dict, model_path: str, whitening_path: str) -> None:
     """One-line InputError for any option out of range, before heavy work."""
+    require(model_path or not whitening_path,
+            "--whitening: needs --model (the whitening belongs to the fine-tuned network); give '' for neither")
     require(options["objects"] == 0 or options["objects"] >= 2,
             f"--objects: 0 (every item) or at least 2, got {options['objects']}")
     require(options["views_in_database"] >= 1, f"--views_in_database: at least 1, got {options['views_in_database']}")
@@ -81,7 +83,6 @@ def open_test(path: Path, objects: int) -> ImageStore:
 def load_finetuned(model_path: str, whitening_path: str, options: dict):
     """``(net, scales, aggregation, whitening or None)``, or ``None`` without a model."""
     if not model_path:
-        require(not whitening_path, "--whitening: needs --model (the whitening belongs to the fine-tuned network)")
         return None
     net, extra = networks.load_checkpoint(model_path)
     recorded = extra.get("embedding", {})
@@ -170,7 +171,7 @@ def _raw_side(benchmark) -> int | None:
 @stage_command("proxy_retrieval")
 def main(test_dir: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
     """Proxy retrieval mAP of raw pixels, the initial and the fine-tuned network."""
-    validate(options)
+    validate(options, model_path, whitening_path)
     store = open_test(test_dir, options["objects"])
     finetuned = load_finetuned(model_path, whitening_path, options)
     if options["threads"]:
