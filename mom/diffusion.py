@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.sparse import csgraph
 
 from mom.errors import InputError
@@ -131,22 +132,26 @@ def block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: float,
         support.grow()
         rows = support.rows
         q = support.rows_matrix @ p
-        p_rows = p[rows]
+        p_rows = p[rows]  # a view once the support is full, else a copy written back below
         pq = column_dot(p_rows, q)
         step_length = np.where(done | (pq <= 0), 0.0, rs / np.where(pq > 0, pq, 1.0)).astype(dtype)
-        x[rows] += p_rows * step_length
-        q *= step_length
         r_rows = r[rows]
-        r_rows -= q
+        if support.full:
+            update_x = torch.from_numpy(x)
+        else:
+            x_rows = x[rows]
+            update_x = torch.from_numpy(x_rows)
+        length = torch.from_numpy(step_length)
+        # fused in-place updates (one pass each): x += a p, r -= a q
+        update_x.addcmul_(torch.from_numpy(p_rows), length)
+        torch.from_numpy(r_rows).addcmul_(torch.from_numpy(q), length, value=-1)
         rs_new = np.where(done, rs, column_dot(r_rows, r_rows))
         iterations += ~done
         done = done | (np.sqrt(rs_new) <= tol * rhs_norm)
         beta = np.where(rs > 0, rs_new / np.where(rs > 0, rs, 1.0), 0.0).astype(dtype)
-        p_rows *= beta
-        p_rows += r_rows
-        if not support.full:  # fancy indexing returned copies: write them back
-            r[rows] = r_rows
-            p[rows] = p_rows
+        torch.from_numpy(p_rows).mul_(torch.from_numpy(beta)).add_(torch.from_numpy(r_rows))  # p = r + beta p
+        if not support.full:
+            x[rows], r[rows], p[rows] = x_rows, r_rows, p_rows
         rs = rs_new
         history.append(float(np.mean(np.sqrt(rs) / rhs_norm)))
     return CGResult(x, np.sqrt(rs) / rhs_norm, iterations, history, None if support.full else support.rows)
