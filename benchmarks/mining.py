@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 import psutil
 import scipy.sparse as sp
+import torch
 from scipy.sparse.linalg import cg
 
 from mom import artifacts
@@ -94,9 +95,13 @@ def step(name: str):
     """Time a step and record its peak RSS in RESULTS."""
     print(f"-- {name} ...", flush=True)
     start = time.perf_counter()
+    cpu_start = sum(psutil.Process().cpu_times()[:2])
     with PeakMemory() as memory:
         yield RESULTS.setdefault(name, {})
-    RESULTS[name].update(seconds=round(time.perf_counter() - start, 2), peak_rss_gib=round(memory.peak / GIB, 3))
+    # cpu_seconds / seconds well below the thread count means the cores were busy with something else
+    RESULTS[name].update(seconds=round(time.perf_counter() - start, 2), peak_rss_gib=round(memory.peak / GIB, 3),
+                         cpu_seconds=round(sum(psutil.Process().cpu_times()[:2]) - cpu_start, 1),
+                         load_average=round(os.getloadavg()[0], 2))
     print(f"   {name}: {RESULTS[name]}", flush=True)
 
 
@@ -185,8 +190,10 @@ def main():
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mining-bench-"))
-    RESULTS["config"] = {**vars(args), "cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads()}
+    RESULTS["config"] = {**vars(args), "cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+                         "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()}
     print(json.dumps(RESULTS["config"]), flush=True)
     n = args.n
     k_neg = min(args.k_neg, n // 2)

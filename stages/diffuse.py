@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pyarrow as pa
+import torch
 from tqdm import tqdm
 
 from mom import artifacts
@@ -95,6 +96,8 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
 @click.option("--reorder/--no-reorder", default=True, show_default=True,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="threads of the dense block updates (torch; 0 = all cores)")
 @click.option("--truncate", type=int, default=0, show_default=True,
               help="solve on each anchor's T nearest Euclidean neighbours only (0 = full graph)")
 @click.option("--agreement_sample", type=int, default=100, show_default=True,
@@ -107,7 +110,7 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/diffuse", show_default=True)
 @stage_command("diffuse")
-def main(alpha, max_iter, tol, block_size, k, reorder, dtype, truncate, agreement_sample, features_path, graph_path,
+def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate, agreement_sample, features_path, graph_path,
          anchors_path, out_dir):
     """Diffuse from every anchor and keep its top-k manifold neighbours."""
     require(0 < alpha < 1, f"alpha={alpha}: must be in (0, 1)")
@@ -119,7 +122,10 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, truncate, agreemen
     n = adjacency.shape[0]
     require(1 <= k < n, f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
     require(anchors.min() >= 0 and anchors.max() < n, f"{anchors_path}: anchor ids outside 0..{n - 1}")
-    require(truncate >= 0 and agreement_sample >= 0, "truncate and agreement_sample must be >= 0")
+    require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
+            "truncate, agreement_sample and threads must be >= 0")
+    if threads:
+        torch.set_num_threads(threads)
     require(truncate == 0 or k <= truncate, f"k={k}: with truncate={truncate} at most {truncate} neighbours exist")
     options = {"alpha": alpha, "max_iter": max_iter, "tol": tol, "k": k, "dtype": dtype, "truncate": truncate}
     with timed(f"diffused from {len(anchors)} anchors"), \
