@@ -40,9 +40,8 @@ from stages._cli import require, stage_command, timed
 log = logging.getLogger("mom")
 
 MAX_SCALE = 4096
-NOTE = ("PROXY benchmark, not Oxford/Paris: held-out Fashion-style items as objects, one augmented view "
-        "as the query, the other augmented views of the same item as its only positives; measures "
-        "invariance to synthetic augmentations, not landmark retrieval.")
+# Short: `dvc metrics show` prints it in every row's column. The module docstrings say the rest.
+NOTE = "PROXY benchmark, not Oxford/Paris: augmented views of held-out test items; positives = views of the same item"
 
 
 def validate(options: dict, model_path: str, whitening_path: str) -> None:
@@ -120,8 +119,9 @@ def evaluate_level(benchmark, initial_net, finetuned, options) -> dict:
                  ", ".join(f"mP@{k} {100 * result[name][f'mp_at_{k}']:.2f}" for k in ks))
 
     if options["raw_pixels"]:
-        score("raw_pixels", proxy.raw_pixel_descriptors(benchmark.queries, _raw_side(benchmark)),
-              proxy.raw_pixel_descriptors(benchmark.database, _raw_side(benchmark)))
+        side = _raw_side(benchmark)
+        score("raw_pixels", proxy.raw_pixel_descriptors(benchmark.queries, side),
+              proxy.raw_pixel_descriptors(benchmark.database, side))
     with timed(f"{benchmark.level}: embedded {len(benchmark.queries) + len(benchmark.database)} views, initial network"):
         score("initial", embed_views(initial_net, benchmark.queries, options["scales"], options["aggregation"], options),
               embed_views(initial_net, benchmark.database, options["scales"], options["aggregation"], options))
