@@ -55,6 +55,25 @@ def test_rows_follow_the_manifest_and_the_definition(tmp_path, net):
     assert np.allclose(extraction.embed_store(net, shuffled, [32], batch_size=3, progress=False), features[order], atol=1e-5)
 
 
+class ListStore:
+    """The minimal store API (len, getitem): no manifest shapes."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def test_minimal_store_api(tmp_path, net):
+    images = GRAY[:3] + [RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)]
+    expected = extraction.embed_store(net, make_store(tmp_path / "s", images), [32], progress=False)
+    assert np.allclose(extraction.embed_store(net, ListStore(images), [32], progress=False), expected, atol=1e-6)
+
+
 def test_index_subsets(tmp_path, net):
     store = make_store(tmp_path / "s", GRAY)
     full = extraction.embed_store(net, store, [32], batch_size=4, progress=False)
