@@ -33,13 +33,14 @@ from mom import artifacts, extraction, networks, whitening
 from mom import proxy_retrieval as proxy
 from mom.augment import LEVELS
 from mom.backbones import BACKBONES
-from mom.imagestore import ImageStore
+from mom.imagestore import MANIFEST_NAME, ImageStore
 from mom.pooling import POOLINGS
 from stages._cli import require, stage_command, timed
 
 log = logging.getLogger("mom")
 
 MAX_SCALE = 4096
+PREPARE_REPORT = "report.json"
 # Short: `dvc metrics show` prints it in every row's column. The module docstrings say the rest.
 NOTE = "PROXY benchmark, not Oxford/Paris: augmented views of held-out test items; positives = views of the same item"
 
@@ -70,6 +71,14 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
     require(device == "cpu" or device.startswith("cuda"), f"--device: cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda"):
         require(torch.cuda.is_available(), f"--device: {device} requested but no CUDA device is available; use cpu")
+
+
+def prepared_without_test(path: Path) -> bool:
+    """True when ``prepare`` ran (its report is next to ``path``) but wrote no
+    test split: a retrieval benchmark's query/database layout, or a folder
+    source without ``test_root``. The benchmark is then skipped, not failed,
+    so ``dvc repro`` works for every source."""
+    return not (path / MANIFEST_NAME).is_file() and (path.parent / PREPARE_REPORT).is_file()
 
 
 def open_test(path: Path, objects: int) -> ImageStore:
@@ -172,6 +181,10 @@ def _raw_side(benchmark) -> int | None:
 def main(test_dir: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
     """Proxy retrieval mAP of raw pixels, the initial and the fine-tuned network."""
     validate(options, model_path, whitening_path)
+    if prepared_without_test(test_dir):
+        log.warning("%s: prepare wrote no test split; nothing to benchmark (writing a 'skipped' entry)", test_dir)
+        artifacts.save_json(metrics_path, {"note": NOTE, "skipped": f"{test_dir}: prepare wrote no test split"})
+        return
     store = open_test(test_dir, options["objects"])
     finetuned = load_finetuned(model_path, whitening_path, options)
     if options["threads"]:

@@ -188,6 +188,22 @@ def test_stage_with_model_and_whitening_is_deterministic(workspace):
     assert metrics["settings"]["finetuned"]["whitening"]["method"] == "none"
 
 
+def test_stage_skips_when_prepare_wrote_no_test_split(workspace):
+    prepared = workspace / "retrieval-prepared"
+    (prepared / "query").mkdir(parents=True)
+    (prepared / "report.json").write_text("{}")
+    out = workspace / "skipped.json"
+    result = CliRunner().invoke(stage.main, ["--test", str(prepared / "test"), "--model", "", "--whitening", "",
+                                             "--metrics", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert "PROXY" in metrics["note"] and "no test split" in metrics["skipped"] and "levels" not in metrics
+    # Without prepare's report the missing split is an error, not a skip.
+    result = CliRunner().invoke(stage.main, ["--test", str(workspace / "nowhere" / "test"), "--model", "",
+                                             "--whitening", "", "--metrics", str(out)])
+    assert result.exit_code == 2 and "file not found" in result.output
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--objects", "1"], "--objects"),
     (["--objects", "11"], "--objects"),
