@@ -10,7 +10,9 @@ the views are ranked with
 - ``initial``: the pretrained network of the ``extract`` stage (``backbone``,
   ``weights``, ``pooling``, ``gem_p``, ``aggregation``, ``batch_size``,
   ``device`` come from the ``extract`` section; ``scales`` from this stage's
-  own section, to keep equal to ``extract.scales``);
+  own section, to keep equal to ``extract.scales``; ``extract.pca_whiten`` is
+  not applied: it is learned on the train split's features, which this stage
+  does not read);
 - ``finetuned``: ``--model`` (omitted when given as ``''``), embedded at the
   scales and aggregation its checkpoint records;
 - ``finetuned_whitened``: the same, then ``--whitening`` (omitted when ``''``).
