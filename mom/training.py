@@ -171,17 +171,19 @@ class SquarePixels:
         return len(self.items)
 
     def __getitem__(self, rows) -> torch.Tensor:
-        images = [self._resized(self.store[item]) for item in self.items[np.asarray(rows)]]
-        return torch.cat(images) if images else torch.empty(0, 3, self.size, self.size)
+        images = [self.store[item] for item in self.items[np.asarray(rows)]]
+        if not images:
+            return torch.empty(0, 3, self.size, self.size)
+        if len({image.shape for image in images}) == 1:  # one resize call for the batch
+            return self._resized(np.stack(images))
+        return torch.cat([self._resized(image[None]) for image in images])
 
-    def _resized(self, image: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
-        if pixels.shape[1] == 1:
-            pixels = pixels.expand(-1, 3, -1, -1)
-        if pixels.shape[2:] != (self.size, self.size):
+    def _resized(self, images: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
+        if tuple(pixels.shape[2:]) != (self.size, self.size):
             pixels = torch.nn.functional.interpolate(
                 pixels, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return pixels.clamp(0, 255)
+        return pixels.expand(-1, 3, -1, -1).clamp(0, 255).contiguous()
 
 
 class NetworkSuffix(torch.nn.Module):
@@ -215,11 +217,14 @@ def split_for_finetuning(net: torch.nn.Module, trainable_blocks: int | None):
     for parameter in net.parameters():
         parameter.requires_grad_(True)
     frozen = torch.nn.Sequential(*[module for _, module in stages[:start]])
-    freeze(frozen)
+    freeze(frozen).to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
     net.eval()
 
     def prefix(pixels: torch.Tensor) -> torch.Tensor:
-        return frozen(net.normalize(pixels)) if start > 0 else pixels
+        if start == 0:
+            return pixels
+        normalized = net.normalize(pixels).contiguous(memory_format=torch.channels_last)
+        return frozen(normalized).contiguous()
 
     return prefix, NetworkSuffix(net, start)
 
@@ -315,14 +320,17 @@ def fit(
         torch.manual_seed(int(rng.integers(2**62)))
         embeddings = embed_pool(module, inputs, n_items, items, config.embed_batch_size)
         chosen = select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        mined = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(module, inputs, items, chosen, optimizer, config, rng))
         scheduler.step()
+        trained = time.perf_counter()
         if validate is not None:
             row.update(validate(module))
         history.append(row)
-        log.info("epoch %d/%d: %s (%.1f s)", epoch + 1, config.epochs,
-                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), time.perf_counter() - start)
+        log.info("epoch %d/%d: %s (re-embed+mine %.1f s, SGD %.1f s, validation %.1f s)", epoch + 1, config.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                 mined - start, trained - mined, time.perf_counter() - trained)
         if checkpoint_path:
             save_training_state(checkpoint_path, _capture_state(
                 module, optimizer, scheduler, epoch + 1, history, fingerprint, checkpoint_extra or {}))

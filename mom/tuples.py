@@ -10,7 +10,7 @@ every step is vectorized over the anchors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -133,3 +133,21 @@ def select_tuples(pools: Pools, embeddings: np.ndarray, rng: np.random.Generator
         negative=nearest[rows, negative_column],
         weight=pools.positive_weights[rows, positive_column],
     )
+
+
+def unit_mean_weights(pools: Pools) -> tuple[Pools, float]:
+    """Pools whose positive weights are divided by their mean over all (anchor,
+    positive) pairs; returns ``(pools, mean)``.
+
+    Manifold similarities ``s_m`` are tiny (the diffusion's right-hand side is
+    ``(1 - alpha) e_i``: values around 1e-3), so the weighted loss would
+    otherwise train at an effectively ~1000x smaller learning rate than the
+    unweighted one. A single constant keeps the relative weights of eq. (8)'s
+    weighted variant exactly and makes the learning rate comparable.
+    """
+    valid = pools.positives != PAD
+    mean = float(pools.positive_weights[valid].mean()) if valid.any() else 1.0
+    if not mean > 0:
+        raise ValueError("positive weights (manifold similarities) must have a positive mean")
+    scaled = np.where(valid, pools.positive_weights / mean, 0).astype(np.float32)
+    return replace(pools, positive_weights=scaled), mean

@@ -31,7 +31,7 @@ import torch
 from mom import artifacts, extraction, metrics, networks, training
 from mom.errors import InputError
 from mom.imagestore import ImageStore
-from mom.tuples import build_pools
+from mom.tuples import build_pools, unit_mean_weights
 from stages._cli import require, stage_command, timed
 
 log = logging.getLogger("mom")
@@ -180,6 +180,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
 
     train_store = ImageStore.open(train_dir)
     pools = read_pools(pools_path, len(train_store))
+    pools, weight_scale = unit_mean_weights(pools)
     anchor_ids = read_anchor_ids(anchors_path)
     unknown = np.setdiff1d(pools.anchors, anchor_ids)
     require(len(unknown) == 0, f"{pools_path}: {len(unknown)} pool anchors are not in {anchors_path} (first: "
@@ -228,6 +229,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         "anchors_with_tuples": len(pools.anchors),
         "anchors_dropped": len(pools.dropped_anchors),
         "training_pool": len(items),
+        "positive_weight_mean": weight_scale,
         "trainable_start_stage": suffix.start,
         "trainable_parameters": sum(p.numel() for p in suffix.parameters() if p.requires_grad),
         "val_recall_at_1_initial": initial_val,

@@ -97,3 +97,11 @@ def test_nearest_agrees_with_brute_force_on_random_pools(monkeypatch):
 def test_bad_kind_is_rejected():
     with pytest.raises(ValueError, match="kind"):
         tuples.build_pools(**pool_columns([(0, 1, "maybe", 1, 0.0)]))
+
+
+def test_unit_mean_weights_keep_relative_weights():
+    pools = example_pools()
+    scaled, mean = tuples.unit_mean_weights(pools)
+    assert mean == pytest.approx((0.9 + 0.4 + 0.5) / 3)
+    assert np.allclose(scaled.positive_weights, [[0.9 / mean, 0.4 / mean], [0.5 / mean, 0.0]])
+    assert np.array_equal(scaled.positives, pools.positives)
