@@ -170,7 +170,7 @@ def main():
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--search", default="hnsw", choices=["hnsw", "ivf", "exact"])
     parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--ef-search", type=int, default=64)
     parser.add_argument("--exact-subset", type=int, default=100_000, help="0: skip the exact timing")
     parser.add_argument("--recall-sample", type=int, default=1000)

@@ -38,7 +38,7 @@ class SearchSettings:
     method: str = "auto"
     exact_max_items: int = 200_000
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 40
+    hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
     hnsw_self_entry: bool = True
     ivf_nlist: int = 4096

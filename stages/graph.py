@@ -50,7 +50,8 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
               help="auto = exact up to --exact_max_items items, HNSW above")
 @click.option("--exact_max_items", type=int, default=200_000, show_default=True)
 @click.option("--hnsw_m", type=int, default=32, show_default=True)
-@click.option("--hnsw_ef_construction", type=int, default=40, show_default=True)
+@click.option("--hnsw_ef_construction", type=int, default=80, show_default=True,
+              help="HNSW build beam (benchmark recall: 40 gave 0.993 at 300k items, 80 gave 0.9999 at 100k)")
 @click.option("--hnsw_ef_search", type=int, default=64, show_default=True)
 @click.option("--hnsw_self_entry/--no-hnsw_self_entry", default=True, show_default=True,
               help="search each item's neighbours from its own HNSW node (faster, fewer stuck searches)")
