@@ -114,3 +114,13 @@ def test_truncated_diffusion_reports_agreement(collection, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "trunc/report.json").read_text())
     assert report["truncation"]["sample"] == 20 and 0.5 < report["truncation"]["agreement_at_k"] <= 1
+
+
+def test_graph_stage_reports_recall_of_approximate_search(collection, tmp_path):
+    root, _ = collection
+    result = run(graph_stage, ["--k", 10, "--search", "hnsw", "--recall_sample", 50, "--threads", 1,
+                               "--features", root / "features.npy", "--out-dir", tmp_path])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["search"]["method"] == "hnsw" and report["search"]["recall_sample"] == 50
+    assert 0.9 <= report["search"]["recall_at_k"] <= 1
