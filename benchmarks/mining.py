@@ -232,7 +232,8 @@ def main():
         info["anchors"] = len(anchors)
     with step("diffuse") as info:
         diffusion = manifold_neighbours(adjacency, anchors, k_neg, max_iter=args.max_iter, tol=1e-6,
-                                        block_size=args.block_size, reorder=not args.no_reorder)
+                                        block_size=args.block_size, reorder=not args.no_reorder,
+                                        threads=args.threads or os.cpu_count())
         info.update(per_anchor_seconds=None, mean_relative_residual=float(diffusion.relative_residual.mean()),
                     mean_neighbours=float((diffusion.ids >= 0).sum(axis=1).mean()))
     RESULTS["diffuse"]["per_anchor_seconds"] = round(RESULTS["diffuse"]["seconds"] / len(anchors), 4)
@@ -242,7 +243,8 @@ def main():
         with step("diffuse_full_length") as info:
             chosen = anchors[:args.full_length_anchors]
             manifold_neighbours(adjacency, chosen, k_neg, max_iter=args.max_iter, tol=1e-6,
-                                block_size=args.block_size, reorder=not args.no_reorder, full_fraction=0.0)
+                                block_size=args.block_size, reorder=not args.no_reorder, full_fraction=0.0,
+                                threads=args.threads or os.cpu_count())
             info.update(anchors=len(chosen))
         RESULTS["diffuse_full_length"]["per_anchor_seconds"] = round(
             RESULTS["diffuse_full_length"]["seconds"] / len(chosen), 4)

@@ -13,6 +13,7 @@ the authors' 20-iteration result — only computed faster.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,9 +83,10 @@ class _Support:
     full-length arithmetic.
     """
 
-    def __init__(self, system: sp.csr_matrix, rhs: np.ndarray, full_fraction: float):
+    def __init__(self, system: sp.csr_matrix, rhs: np.ndarray, full_fraction: float, threads: int = 1):
         self.system = system
         self.full_fraction = full_fraction
+        self.threads = threads
         self.rows = np.flatnonzero(np.any(rhs != 0, axis=1))
         self.rows_matrix = system[self.rows]
         self.full = False
@@ -102,9 +104,36 @@ class _Support:
         else:
             self.rows, self.rows_matrix = rows, self.system[rows]
 
+    def product(self, block: np.ndarray) -> np.ndarray:
+        """``system[rows] @ block``, split into row ranges of equal non-zeros over ``threads``
+        threads (scipy's kernel releases the GIL; each range's result is the same)."""
+        if self.threads <= 1 or self.rows_matrix.shape[0] < 4096:
+            return self.rows_matrix @ block
+        matrix = self.rows_matrix
+        bounds = np.searchsorted(matrix.indptr, np.linspace(0, matrix.nnz, self.threads + 1)[1:-1])
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [matrix.shape[0]]])
+        out = np.empty((matrix.shape[0], block.shape[1]), dtype=np.result_type(matrix.dtype, block.dtype))
+
+        def run(start_end):
+            start, end = start_end
+            out[start:end] = matrix[start:end] @ block
+
+        list(_pool(self.threads).map(run, zip(starts, ends)))
+        return out
+
+
+_POOLS: dict = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="spmm")
+    return _POOLS[threads]
+
 
 def block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: float,
-             full_fraction: float = 0.5) -> CGResult:
+             full_fraction: float = 0.5, threads: int = 1) -> CGResult:
     """Solve ``system X = rhs`` (symmetric positive definite) column by column, all columns at once.
 
     Independent CG recurrences (x0 = 0) per column sharing one sparse x dense
@@ -113,13 +142,13 @@ def block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: float,
     at most ``tol`` times its right-hand side's norm, or after ``max_iter``
     iterations. ``residual_history[t]`` is the mean relative residual over the
     columns after iteration t+1 (the reported convergence curve). Column dot
-    products are accumulated in float64.
+    products are accumulated in float64. ``threads`` splits the sparse products.
     """
     dtype = system.dtype
     x = np.zeros(rhs.shape, dtype=dtype)
     r = np.array(rhs, dtype=dtype, order="C")
     p = r.copy()
-    support = _Support(system, rhs, full_fraction)
+    support = _Support(system, rhs, full_fraction, threads)
     rs = column_dot(r, r)
     rhs_norm = np.sqrt(rs)
     rhs_norm[rhs_norm == 0] = 1.0
@@ -131,7 +160,7 @@ def block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: float,
             break
         support.grow()
         rows = support.rows
-        q = support.rows_matrix @ p
+        q = support.product(p)
         p_rows = p[rows]  # a view once the support is full, else a copy written back below
         pq = column_dot(p_rows, q)
         step_length = np.where(done | (pq <= 0), 0.0, rs / np.where(pq > 0, pq, 1.0)).astype(dtype)
@@ -204,7 +233,7 @@ class DiffusionResult:
 def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, alpha: float = 0.99,
                         max_iter: int = 20, tol: float = 1e-6, block_size: int = 64,
                         reorder: bool = True, dtype=np.float32, progress=None,
-                        full_fraction: float = 0.5) -> DiffusionResult:
+                        full_fraction: float = 0.5, threads: int = 1) -> DiffusionResult:
     """``NN_k^m`` of every anchor (eq. (4)): the k nodes with the largest ``f_i*``, anchor excluded.
 
     ``f_i*`` solves eq. (3) by :func:`block_cg` for blocks of ``block_size``
@@ -212,7 +241,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
     first and blocks gather anchors that are close in that order (same
     solution, faster: nearby rows in memory, overlapping neighbourhoods); ids
     are mapped back and rows come out in the given anchor order.
-    ``full_fraction`` is :func:`block_cg`'s (0: always full-length vectors).
+    ``full_fraction`` and ``threads`` are :func:`block_cg`'s (0: always full-length vectors).
     """
     n = adjacency.shape[0]
     if not 0 < alpha < 1:
@@ -235,7 +264,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
         block = position[anchors[rows_out]]
         rhs = np.zeros((n, len(block)), dtype=dtype)
         rhs[block, np.arange(len(block))] = 1 - alpha
-        result = block_cg(system, rhs, max_iter, tol, full_fraction)
+        result = block_cg(system, rhs, max_iter, tol, full_fraction, threads)
         block_ids, block_sims = support_top_k(result, block, k)
         ids[rows_out] = np.where(block_ids >= 0, order[np.maximum(block_ids, 0)], -1)
         sims[rows_out] = block_sims

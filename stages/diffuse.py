@@ -19,6 +19,7 @@ anchors (mean fraction of the full top-k found).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -97,7 +98,7 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True,
-              help="threads of the dense block updates (torch; 0 = all cores)")
+              help="threads of the sparse products and dense block updates (0 = all cores)")
 @click.option("--truncate", type=int, default=0, show_default=True,
               help="solve on each anchor's T nearest Euclidean neighbours only (0 = full graph)")
 @click.option("--agreement_sample", type=int, default=100, show_default=True,
@@ -110,8 +111,8 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/diffuse", show_default=True)
 @stage_command("diffuse")
-def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate, agreement_sample, features_path, graph_path,
-         anchors_path, out_dir):
+def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate, agreement_sample, features_path,
+         graph_path, anchors_path, out_dir):
     """Diffuse from every anchor and keep its top-k manifold neighbours."""
     require(0 < alpha < 1, f"alpha={alpha}: must be in (0, 1)")
     require(max_iter >= 1, f"max_iter={max_iter}: must be at least 1")
@@ -124,8 +125,8 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
     require(anchors.min() >= 0 and anchors.max() < n, f"{anchors_path}: anchor ids outside 0..{n - 1}")
     require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
             "truncate, agreement_sample and threads must be >= 0")
-    if threads:
-        torch.set_num_threads(threads)
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     require(truncate == 0 or k <= truncate, f"k={k}: with truncate={truncate} at most {truncate} neighbours exist")
     options = {"alpha": alpha, "max_iter": max_iter, "tol": tol, "k": k, "dtype": dtype, "truncate": truncate}
     with timed(f"diffused from {len(anchors)} anchors"), \
@@ -135,7 +136,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
                                                 k, alpha, max_iter, tol, block_size, reorder, DTYPES[dtype], bar)
         else:
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,
-                                         DTYPES[dtype], progress=bar.update)
+                                         DTYPES[dtype], progress=bar.update, threads=threads)
     report = convergence_report(result, options)
     if truncate:
         report["truncation"] = agreement

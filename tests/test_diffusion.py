@@ -160,3 +160,12 @@ def test_truncation_to_the_whole_graph_equals_the_full_solve_and_small_truncatio
     agreement = neighbour_agreement(truncated.ids, full.ids)
     assert 0 < agreement <= 1
     assert set(truncated.ids[0][truncated.ids[0] >= 0]) <= set(near[0])
+
+
+def test_threaded_products_give_the_same_iterates():
+    graph = knn_graph(n=5000, k=10, seed=3)
+    system = diffusion_system(normalized_adjacency(graph, dtype=np.float32), ALPHA)
+    rhs = unit_rhs(5000, np.array([1, 2, 3000])).astype(np.float32)
+    single = block_cg(system, rhs, 20, 0, full_fraction=0.0, threads=1)
+    threaded = block_cg(system, rhs, 20, 0, full_fraction=0.0, threads=3)
+    np.testing.assert_array_equal(single.solution, threaded.solution)
