@@ -211,7 +211,8 @@ def main():
         adjacency = reciprocal_graph(ids, sims, gamma=3)
         report = graph_report(adjacency)
         info.update(edges=report["edges"], nnz=int(adjacency.nnz), isolated=report["isolated_nodes"],
-                    components=report["components"]["count"], largest_component=report["components"]["largest"], mean_degree=round(report["degree"]["mean"], 2))
+                    components=report["components"]["count"], largest_component=report["components"]["largest"],
+                    mean_degree=round(report["degree"]["mean"], 2))
         del sims
     with step("graph_recall") as info:
         sample = np.sort(np.random.default_rng(args.seed).choice(n, size=min(args.recall_sample, n), replace=False))

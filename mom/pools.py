@@ -22,7 +22,10 @@ NEGATIVE_VARIANTS = ("manifold", "random")
 
 @dataclass
 class Pool:
-    """Members of one kind for many anchors: row ``anchor_row[i]`` of the anchor list has ``member[i]`` at ``rank[i]``."""
+    """Members of one kind for many anchors.
+
+    Anchor ``anchor_row[i]`` (a row of the anchor list) has ``member[i]`` at ``rank[i]``.
+    """
 
     anchor_row: np.ndarray
     member: np.ndarray
@@ -33,7 +36,8 @@ class Pool:
         sizes = np.array([len(members) for members in lists], dtype=np.int64)
         rows = np.repeat(np.arange(len(lists), dtype=np.int64), sizes)
         members = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
-        ranks = np.concatenate([np.arange(1, size + 1) for size in sizes]).astype(np.int32) if lists else np.zeros(0, np.int32)
+        ranks = np.concatenate([np.arange(1, size + 1, dtype=np.int32) for size in sizes]) if lists else \
+            np.zeros(0, np.int32)
         return cls(rows, members, ranks)
 
     def sizes(self, n_anchors: int) -> np.ndarray:

@@ -93,7 +93,8 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
 @click.option("--max_iter", type=int, default=20, show_default=True, help="CG iterations (authors: 20)")
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="stop a column at this relative residual")
 @click.option("--block_size", type=int, default=64, show_default=True, help="anchors solved together")
-@click.option("--k", type=int, default=100, show_default=True, help="manifold neighbours kept per anchor (>= mine k_neg)")
+@click.option("--k", type=int, default=100, show_default=True,
+              help="manifold neighbours kept per anchor (>= mine k_neg)")
 @click.option("--reorder/--no-reorder", default=True, show_default=True,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
