@@ -74,12 +74,21 @@ def manifold_similarity_of(anchor_rows, members, manifold_ids, manifold_values) 
     return pa.array(result, pa.float32(), mask=~found)
 
 
+def pair_inner_products(features, left: np.ndarray, right: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """``y_left[i] . y_right[i]`` for every pair, a chunk of rows at a time (bounded memory)."""
+    out = np.empty(len(left), dtype=np.float32)
+    for start in range(0, len(left), chunk):
+        a = np.asarray(features[left[start:start + chunk]], dtype=np.float32)
+        b = np.asarray(features[right[start:start + chunk]], dtype=np.float32)
+        out[start:start + chunk] = np.einsum("ij,ij->i", a, b)
+    return out
+
+
 def pools_table(anchors, features, manifold_ids, manifold_values, positive, negative) -> pa.Table:
     parts = []
     for kind, pool in (("positive", positive), ("negative", negative)):
         anchor_ids = anchors[pool.anchor_row]
-        euclidean = np.einsum("ij,ij->i", np.asarray(features[anchor_ids], dtype=np.float32),
-                              np.asarray(features[pool.member], dtype=np.float32))
+        euclidean = pair_inner_products(features, anchor_ids, pool.member)
         parts.append((pool.anchor_row, 0 if kind == "positive" else 1, pa.table({
             "anchor": pa.array(anchor_ids, pa.int64()),
             "member": pa.array(pool.member, pa.int64()),
