@@ -1,0 +1,80 @@
+"""The whole pipeline through ``dvc repro`` in a throw-away git + DVC project:
+a few hundred Fashion-MNIST images at 64 px, one epoch, every stage of dvc.yaml."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mom import artifacts, networks
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# Small params on top of params.yaml: the structure is the real one.
+SMALL = {
+    "prepare": {"per_class": 40, "val_per_class": 10},
+    "graph": {"k": 10},
+    "diffuse": {"k": 40, "block_size": 32},
+    "mine": {"k_pos": 15, "k_neg": 40, "positive_cap": 15, "negative_cap": 15},
+    "finetune": {"epochs": 1, "batch_size_embed": 128, "threads": 1},
+    "whiten": {"method": "pca"},
+    "evaluate": {"kmeans_n_init": 2},
+    "proxy_retrieval": {"objects": 50, "views_in_database": 2},
+}
+
+
+def dvc(project, *args):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(project), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture
+def project(tmp_path):
+    for folder in ("mom", "stages"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        if section in params:  # stages that are not wired yet are skipped
+            params[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc(tmp_path, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
+def test_dvc_repro_runs_every_stage_end_to_end(project):
+    output = dvc(project, "repro")
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert f"Running stage '{name}'" in output, name
+
+    report = artifacts.load_json(project / "metrics" / "evaluate.json")
+    test = report["test"]
+    assert test["items"] == 200 and test["classes"] == 5
+    for version in ("initial", "finetuned"):
+        assert set(test[version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+        assert 0.2 <= test[version]["recall_at_1"] <= 1.0
+    assert report["whitening"]["method"] == "pca"
+    net, extra = networks.load_checkpoint(project / "data" / "finetune" / "model.pt")
+    assert net.dim == 64 and extra["embedding"]["scales"] == [64]
+    log = (project / "data" / "finetune" / "log.tsv").read_text().splitlines()
+    assert len(log) == 2 and log[0].startswith("epoch\t")
+    for figure in ("recall_at_k.png", "training.png"):
+        assert (project / "plots" / figure).stat().st_size > 0
+    assert not list((project / "checkpoints" / "finetune").glob("*.pt"))
+
+    shown = dvc(project, "metrics", "show")
+    assert "finetuned.recall_at_1" in shown or "recall_at_1" in shown
+    assert "Running stage" not in dvc(project, "repro"), "a second repro has nothing to do"
