@@ -1,7 +1,7 @@
 """Scale benchmark of the mining core (issue 3): graph, anchors, diffuse, mine at 1M x 512.
 
 Generates a deterministic synthetic collection with manifold structure —
-smooth random 2-D tori (``--manifold-items`` items each) in a 16-D subspace of
+smooth random 2-D tori (``--manifold-items`` items each, 100k by default) in a 16-D subspace of
 ``--dim`` dimensions, isotropic noise, l2-normalized, in random order (see
 :func:`synthetic_collection`) — writes it as a memory-mapped
 ``.npy`` like the extract stage does, and runs the same ``mom`` functions as
@@ -163,7 +163,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--manifold-items", type=int, default=10_000, help="items per manifold (on average)")
+    parser.add_argument("--manifold-items", type=int, default=100_000,
+                        help="items per manifold on average (100k: ten 100k-node manifolds at 1M)")
     parser.add_argument("--intrinsic", type=int, default=2, help="intrinsic dimension of the manifolds")
     parser.add_argument("--noise", type=float, default=0.05, help="norm of the isotropic noise")
     parser.add_argument("--subspace", type=int, default=16, help="dimension of the subspace holding the manifolds")
