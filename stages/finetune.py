@@ -180,7 +180,12 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
 
     train_store = ImageStore.open(train_dir)
     pools = read_pools(pools_path, len(train_store))
-    pools, weight_scale = unit_mean_weights(pools)
+    weight_scale = None
+    if weighted:
+        try:
+            pools, weight_scale = unit_mean_weights(pools)
+        except ValueError as error:
+            raise InputError(f"{pools_path}: {error}; train with --no-weighted (baseline pools)") from None
     anchor_ids = read_anchor_ids(anchors_path)
     unknown = np.setdiff1d(pools.anchors, anchor_ids)
     require(len(unknown) == 0, f"{pools_path}: {len(unknown)} pool anchors are not in {anchors_path} (first: "

@@ -302,3 +302,16 @@ def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
         assert retrieval["initial"][protocol]["mp_at_5"] == pytest.approx(expected[protocol]["mp_at_k"][5])
     assert retrieval["initial"]["hard"]["queries"] == 2  # query 1 has no hard positive
     assert 0 <= retrieval["finetuned"]["medium"]["map"] <= 1
+
+
+def test_weighted_training_needs_manifold_weights(workspace, tmp_path):
+    table = artifacts.load_parquet(workspace / "pools.parquet")
+    zero = pa.array([0.0] * len(table), pa.float32())
+    baseline = table.set_column(table.schema.get_field_index("manifold_similarity"), "manifold_similarity", zero)
+    artifacts.save_parquet(tmp_path / "baseline.parquet", baseline)
+    args = stage_args(workspace, tmp_path / "out", epochs=1)
+    args[args.index("--pools") + 1] = str(tmp_path / "baseline.parquet")
+    result = CliRunner().invoke(finetune.main, args)
+    assert result.exit_code == 2 and "--no-weighted" in result.output
+    result = CliRunner().invoke(finetune.main, args + ["--no-weighted"])
+    assert result.exit_code == 0, result.output
