@@ -1,0 +1,109 @@
+"""A throw-away copy of the project with tiny params, and the rendered stage
+commands of its ``dvc.yaml``, for tests that run the real stage commands as
+subprocesses (no network, kill-and-rerun). Same approach as
+tests/test_pipeline_e2e.py, smaller: 60 Fashion-MNIST training images."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+HAVE_FASHION = (FASHION / "train-images-idx3-ubyte.gz").is_file()
+
+# Small params on top of params.yaml (the structure is the real one).
+TINY = {
+    "prepare": {"per_class": 12, "val_per_class": 4},
+    "extract": {"batch_size": 64, "threads": 1},
+    "graph": {"k": 8, "threads": 1},
+    "diffuse": {"k": 20, "block_size": 16, "threads": 1},
+    "mine": {"k_pos": 8, "k_neg": 20, "positive_cap": 8, "negative_cap": 8},
+    "finetune": {"epochs": 1, "batch_size_embed": 64, "threads": 1},
+    "whiten": {"method": "pca"},
+    "evaluate": {"kmeans_n_init": 1},
+    "proxy_retrieval": {"objects": 20, "views_in_database": 1, "threads": 1},
+}
+MINING_STAGES = ("prepare", "extract", "graph", "anchors", "diffuse", "mine")
+
+
+def make_project(folder: Path) -> Path:
+    """Copy mom/, stages/, dvc.yaml and tiny params into ``folder`` (a git + DVC project)."""
+    for name in ("mom", "stages"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        if section in params:
+            params[section].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    dvc(folder, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")
+    return folder
+
+
+def environment(project: Path, **extra: str) -> dict:
+    """Subprocess environment: the project's code first, one thread each (the
+    machine is shared), no analytics."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(project), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **extra}
+
+
+def dvc(project: Path, *args: str, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env or environment(project),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def stage_commands(project: Path) -> dict[str, list[str]]:
+    """Each stage's command line as DVC renders it from dvc.yaml and params.yaml
+    (read from ``dvc repro --dry``, which runs nothing), as argv lists whose
+    ``python`` is this interpreter."""
+    output = dvc(project, "repro", "--dry", "--force")
+    commands, stage = {}, None
+    for line in output.splitlines():
+        if line.startswith("Running stage '"):
+            stage = line.split("'")[1]
+        elif line.startswith("> ") and stage:
+            argv = shlex.split(line[2:])
+            commands[stage] = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+            stage = None
+    return commands
+
+
+def stage_outputs(project: Path) -> dict[str, list[str]]:
+    """Each stage's declared outputs (outs, metrics, plots) from dvc.yaml."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    declared = {}
+    for name, stage in stages.items():
+        paths = []
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+        declared[name] = paths
+    return declared
+
+
+def output_files(project: Path, paths: list[str]) -> dict[str, bytes]:
+    """Every file under the given outputs (relative path -> bytes), ``.tmp-`` files included."""
+    found = {}
+    for path in paths:
+        target = project / path
+        files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+        for file in files:
+            found[file.relative_to(project).as_posix()] = file.read_bytes()
+    return found
+
+
+def run_stage(project: Path, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, cwd=project, env=env or environment(project), capture_output=True, text=True)
+    assert result.returncode == 0, f"{argv[:3]} failed:\n{result.stderr[-4000:]}"
+    return result
