@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mom.distributed import balanced_pieces
+
 AGGREGATIONS = ("sum", "gem")
 
 
@@ -70,6 +72,22 @@ def plan_batches(shapes: np.ndarray, scales: Sequence[int], batch_size: int) -> 
         members = np.asarray(members, dtype=np.int64)
         batches.extend(members[start:start + batch_size] for start in range(0, len(members), batch_size))
     return batches
+
+
+def shard_items(store, scales: Sequence[int], batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Items of ``store`` that ``rank`` of ``world_size`` processes embeds: whole
+    batches of the one-process plan (:func:`plan_batches` over all items),
+    a contiguous run of them with about ``len(store) / world_size`` items.
+
+    A descriptor's last bits depend on the batch it was computed in (kernels
+    are chosen per batch shape), so every batch is kept as one process forms
+    it: :func:`embed_store` over these items re-plans exactly these batches,
+    and the gathered rows are byte-identical to a one-process run.
+    """
+    indices = np.arange(len(store), dtype=np.int64)
+    batches = plan_batches(_shapes_of(store, indices), [int(scale) for scale in scales], batch_size)
+    mine = balanced_pieces([len(batch) for batch in batches], world_size)[rank]
+    return np.concatenate([batches[number] for number in mine]) if len(mine) else np.zeros(0, np.int64)
 
 
 def _to_pixels(images: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

@@ -9,7 +9,14 @@ total, and Recall@1/2/4/8 of the test split when it has labels: the "initial"
 row every later result must beat). Optional PCA-whitening is learned on the
 train split only and applied to every split.
 
+Runs unchanged under ``torchrun`` (:mod:`mom.distributed`): each rank embeds
+whole batches of the one-process plan (:func:`mom.extraction.shard_items`),
+rank 0 gathers the rows, whitens, scores and writes; the files are
+byte-identical to a one-process run on the same kind of device. Other ranks
+write nothing.
+
     python -m stages.extract --backbone efficientnet_lite0 --pooling gem --scales 64
+    torchrun --nproc_per_node 4 -m stages.extract --device cuda ...
 """
 from __future__ import annotations
 
@@ -21,10 +28,10 @@ import click
 import numpy as np
 import torch
 
-from mom import artifacts
+from mom import artifacts, distributed
 from mom.backbones import BACKBONES, channels_of
 from mom.errors import InputError
-from mom.extraction import AGGREGATIONS, embed_store
+from mom.extraction import AGGREGATIONS, embed_store, shard_items
 from mom.imagestore import MANIFEST_NAME, ImageStore
 from mom.metrics import recall_at_k
 from mom.networks import build_network, make_meta
@@ -68,13 +75,18 @@ def open_splits(prepared: Path) -> dict[str, ImageStore | None]:
     return stores
 
 
-def embed_split(net, store: ImageStore | None, split: str, options: dict) -> tuple[np.ndarray, dict]:
+def embed_split(net, store: ImageStore | None, split: str, options: dict,
+                ctx: distributed.Context) -> tuple[np.ndarray | None, dict]:
+    """This split's features on rank 0 (``None`` on other ranks), every rank embedding its shard."""
     if store is None or len(store) == 0:
         log.info("%s: no images, writing an empty (0, %d) array", split, net.dim)
         return np.zeros((0, net.dim), np.float32), {"count": 0, "seconds": 0.0, "images_per_second": None}
     start = time.perf_counter()
-    features = embed_store(net, store, options["scales"], options["batch_size"], options["device"],
-                           aggregation=options["aggregation"], aggregation_p=options["gem_p"])
+    items = shard_items(store, options["scales"], options["batch_size"], ctx.rank, ctx.world_size)
+    mine = embed_store(net, store, options["scales"], options["batch_size"], ctx.device,
+                       aggregation=options["aggregation"], aggregation_p=options["gem_p"],
+                       indices=items, progress=ctx.is_main)
+    features = distributed.gather_rows(ctx, mine, items, len(store))
     seconds = time.perf_counter() - start
     rate = len(store) / seconds
     log.info("%s: %d images in %.1f s, %.1f images/s", split, len(store), seconds, rate)
@@ -127,17 +139,27 @@ def main(prepared: Path, out_dir: Path, **options) -> None:
     """Embed the train/val/test image stores with a pretrained network."""
     validate(options)
     stores = open_splits(prepared)
+    with distributed.session(options["device"]) as ctx:
+        if not ctx.is_main:
+            log.setLevel(logging.WARNING)
+        extract(stores, out_dir, options, ctx)
+
+
+def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, ctx: distributed.Context) -> None:
     if options["threads"]:
         torch.set_num_threads(options["threads"])
     meta = make_meta(options["backbone"], options["pooling"], options["gem_p"])
     net = build_network(meta, weights=options["weights"] or None, download=options["download_weights"])
-    log.info("%s + %s, %d dims, scales %s, %d torch threads", meta["backbone"], meta["pooling"], meta["dim"],
-             list(options["scales"]), torch.get_num_threads())
+    log.info("%s + %s, %d dims, scales %s, %d torch threads, %d process(es) (%s)", meta["backbone"], meta["pooling"],
+             meta["dim"], list(options["scales"]), torch.get_num_threads(), ctx.world_size, ctx.backend or "no backend")
 
     features, timings = {}, {}
     for split, store in stores.items():
-        features[split], timings[split] = embed_split(net, store, split, options)
+        features[split], timings[split] = embed_split(net, store, split, options, ctx)
+    if not ctx.is_main:
+        return
     metrics = summary(meta, options, timings)
+    metrics["processes"] = ctx.world_size
     if options["pca_whiten"]:
         metrics["test_before_whitening"] = labeled_recall(features["test"], stores["test"])
         features = pca_whiten_all(features, options["pca_dim"])
