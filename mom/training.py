@@ -229,6 +229,40 @@ def split_for_finetuning(net: torch.nn.Module, trainable_blocks: int | None):
     return prefix, NetworkSuffix(net, start)
 
 
+@torch.no_grad()
+def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int) -> float:
+    """Set the FC head to the PCA projection of the pooled training descriptors
+    (unsupervised): ``W = V_d^T``, ``b = -V_d^T mean``, so the untrained network
+    outputs ``l2n(PCA_d(descriptor))`` instead of a random projection. Returns
+    the fraction of the descriptors' variance the kept components explain."""
+    net = suffix.net
+    if net.head is None:
+        raise ValueError("the network has no FC head to initialize")
+
+    def pooled(x):
+        if suffix.start == 0:
+            x = net.normalize(x)
+        for block in net.trunk[suffix.start:]:
+            x = block(x)
+        return net.pool(x)
+
+    descriptors = run_in_batches(pooled, inputs, np.arange(len(inputs)), batch_size).double()
+    dim = net.head.out_features
+    if len(descriptors) < dim:
+        raise ValueError(f"PCA head init needs at least {dim} training items, got {len(descriptors)}")
+    mean = descriptors.mean(dim=0)
+    centred = descriptors - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(descriptors))
+    order = torch.argsort(eigenvalues, descending=True)[:dim]
+    components = eigenvectors[:, order].T  # (dim, channels)
+    # sign convention: largest-magnitude entry positive (deterministic)
+    signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))
+    components = components * torch.where(signs == 0, 1.0, signs)
+    net.head.weight.copy_(components.float())
+    net.head.bias.copy_(-(components @ mean).float())
+    return float(eigenvalues[order].sum() / eigenvalues.clamp_min(0).sum())
+
+
 def cache_prefix(prefix: Callable, pixels: Inputs, batch_size: int, desc: str | None = "frozen prefix") -> torch.Tensor:
     """The frozen prefix's outputs for every row of ``pixels``, computed once."""
     return run_in_batches(prefix, pixels, np.arange(len(pixels)), batch_size, progress=desc)

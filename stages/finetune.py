@@ -131,6 +131,8 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--head_dim", type=int, default=64, show_default=True, help="FC output dim; 0: no head (retrieval).")
 @click.option("--trainable_blocks", type=TrainableBlocks(), default="2", show_default=True,
               help="Last trunk stages that train (the rest is frozen and cached), or 'all'.")
+@click.option("--head_init", default="pca", show_default=True,
+              help="FC head initialization: pca (PCA of the pooled training descriptors, unsupervised) | random")
 @click.option("--image_size", type=int, default=64, show_default=True, help="Training input side in pixels.")
 @click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
               help="Longer image side(s) at which whiten/evaluate embed with this network (recorded in model.pt).")
@@ -153,7 +155,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @stage_command("finetune")
 def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
-         head_dim, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
+         head_dim, head_init, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
          loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads):
     config = training.TrainingConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
@@ -164,6 +166,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     except ValueError as error:
         raise InputError(str(error)) from None
     require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
+    require(head_init in ("pca", "random"), f"head_init: must be pca or random, got {head_init!r}")
     require(image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
     require(threads >= 0, f"threads: must be >= 0, got {threads}")
     require(len(scales) > 0 and min(scales) >= 16, f"scales: need one or more sizes >= 16 pixels, got {list(scales)}")
@@ -197,7 +200,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",
              len(pools.anchors), len(pools.dropped_anchors), len(pools.items()))
 
-    options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks,
+    options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks, head_init=head_init,
                    image_size=image_size, validate=bool(use_val), weights=weights)
     inputs_to_hash = [train_dir / "manifest.parquet", train_dir / "pixels.npy", pools_path, anchors_path]
     if val_store is not None:
@@ -216,6 +219,14 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     items = pools.items()
     train_inputs, val_inputs = _inputs(prefix, suffix.start, train_store, items, val_store, image_size, batch_size_embed)
 
+    explained = None
+    if head_dim and head_init == "pca":
+        with timed("FC head initialized with the PCA of the pooled training descriptors"):
+            try:
+                explained = training.init_head_with_pca(suffix, train_inputs, batch_size_embed)
+            except ValueError as error:
+                raise InputError(f"head_init: {error} (or use --head_init random)") from None
+        log.info("the %d components keep %.1f%% of the descriptors' variance", head_dim, 100 * explained)
     validation = None
     initial_val = None
     if val_store is not None:
@@ -235,6 +246,8 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         "anchors_dropped": len(pools.dropped_anchors),
         "training_pool": len(items),
         "positive_weight_mean": weight_scale,
+        "head_init": head_init if head_dim else None,
+        "head_pca_explained_variance": explained,
         "trainable_start_stage": suffix.start,
         "trainable_parameters": sum(p.numel() for p in suffix.parameters() if p.requires_grad),
         "val_recall_at_1_initial": initial_val,

@@ -78,7 +78,7 @@ def workspace(tmp_path_factory):
 def stage_args(root, out, epochs=2, **extra):
     args = ["--train", root / "train", "--val", root / "val", "--pools", root / "pools.parquet",
             "--anchors", root / "anchors.parquet", "--out-dir", out, "--checkpoint-dir", out.parent / f"{out.name}-ckpt",
-            "--image_size", "32", "--scales", "32", "--trainable_blocks", "1", "--epochs", str(epochs), "--batch_size", "8",
+            "--image_size", "32", "--scales", "32", "--trainable_blocks", "1", "--head_init", "random", "--epochs", str(epochs), "--batch_size", "8",
             "--lr", "0.05", "--lr_step", "5", "--threads", "1"]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
@@ -119,6 +119,16 @@ def test_bad_options_fail_in_one_line(workspace, tmp_path, option, value, messag
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "x" / "model.pt").exists()
+
+
+def test_pca_head_init(workspace, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(finetune.main, stage_args(workspace, tmp_path / "a", head_init="pca"))
+    assert result.exit_code == 2 and "at least 64 training items" in result.output
+    result = runner.invoke(finetune.main, stage_args(workspace, tmp_path / "b", head_init="pca", head_dim=8))
+    assert result.exit_code == 0, result.output
+    summary = artifacts.load_json(tmp_path / "b" / "summary.json")
+    assert summary["head_init"] == "pca" and 0 < summary["head_pca_explained_variance"] <= 1
 
 
 def test_missing_pools_is_a_clear_error(workspace, tmp_path):

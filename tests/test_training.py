@@ -159,3 +159,24 @@ def test_square_pixels_resize_and_replicate_gray():
     batch = training.SquarePixels(Store(), np.array([3, 7]), size=8)[np.array([1, 0])]
     assert batch.shape == (2, 3, 8, 8)
     assert torch.allclose(batch[0], torch.full((3, 8, 8), 7.0)) and torch.allclose(batch[1], torch.full((3, 8, 8), 3.0))
+
+
+def test_pca_head_init_projects_onto_the_principal_components():
+    from mom import networks
+
+    net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, 4), seed=0)
+    prefix, suffix = training.split_for_finetuning(net, trainable_blocks=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inputs = prefix(torch.rand(12, 3, 32, 32) * 255)
+    explained = training.init_head_with_pca(suffix, inputs, batch_size=5)
+    assert 0 < explained <= 1
+    with torch.no_grad():
+        pooled = net.pool(net.trunk[suffix.start:](inputs)).double()
+        outputs = suffix(inputs).double()
+    centred = pooled - pooled.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:4]
+    expected = centred @ top.T
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    # equal up to the sign of each component
+    assert torch.allclose(outputs.abs(), expected.abs(), atol=1e-4)
