@@ -6,6 +6,13 @@ Rules (the README repeats them):
   one of :data:`IMAGE_EXTENSIONS` (case-insensitive); folders whose name starts
   with a dot are not entered. Order: sorted relative POSIX paths, so the
   manifest does not depend on the file system's listing order.
+- Nothing outside the root is read: a symlink is followed only when it
+  resolves to a regular file inside the root; symlinks to files elsewhere,
+  broken symlinks and symlinked folders (never entered) are skipped and
+  reported, as are devices, FIFOs and sockets (never opened). Ground-truth
+  query paths must stay inside ``query_root`` (no absolute paths, no ``..``).
+- Non-UTF-8 file names (Linux bytes names) are read; the manifest's
+  ``origin`` and the report write their undecodable bytes as ``\\xNN``.
 - Splits: ``root`` is the ``train`` split; ``test_root`` (optional) is the
   ``test`` split; ``val`` is empty. The two folders must not contain each other.
 - Labels: unlabeled by default. With ``labels_from_folders`` the first
@@ -33,8 +40,11 @@ Rules (the README repeats them):
   Listed queries and listed database images must decode; other database files
   follow the skip-and-report rule.
 - Skipped and reported (``path``, ``reason``): zero-byte files, files Pillow
-  cannot identify, corrupt or truncated images, images over Pillow's
-  decompression-bomb limit, unsupported modes, and files with other extensions.
+  cannot identify, corrupt or truncated images, unreadable files (permission
+  denied), images over Pillow's decompression-bomb limit
+  (``PIL.Image.MAX_IMAGE_PIXELS``, refused before any pixel is allocated),
+  unsupported modes, the links and special files above, and files with other
+  extensions.
 """
 from __future__ import annotations
 
@@ -50,6 +60,7 @@ from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the
     FileItem,
     RejectedImage,
     decode_image,
+    display_path,
     downscale,
     empty_split,
     file_split,
@@ -109,11 +120,8 @@ def prepare_folder(
     dataset = PreparedDataset(source=SOURCE, splits={}, info={"classes": {str(i): n for n, i in class_ids.items()}})
     items_by_split = {}
     for split, folder in (("train", root), ("test", test_root)):
-        candidates, others = listings[split]
-        dataset.rejected.extend(
-            {"split": split, "path": rel, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"}
-            for rel in others
-        )
+        candidates, skipped = listings[split]
+        dataset.rejected.extend({"split": split, "path": display_path(rel), "reason": reason} for rel, reason in skipped)
         items = items_by_split[split] = [_folder_item(folder, rel, class_ids) for rel in candidates]
         dataset.splits[split] = file_split(SOURCE, split, items, dataset, max_side or 0, workers, exif=True)
     dataset.splits["val"] = empty_split()
@@ -136,10 +144,13 @@ def read_ground_truth_file(path: str | Path) -> list[tuple[str, str, str]]:
         records = table.to_pylist()
         columns = table.column_names
     else:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            records = list(reader)
-            columns = reader.fieldnames or []
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                records = list(reader)
+                columns = reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"ground_truth: {path} is not a readable UTF-8 CSV file ({error})") from None
     if not {"query", "database"} <= set(columns):
         raise InputError(f"ground_truth: {path} needs columns query, database (and optionally relevance)")
     rows = []
@@ -163,16 +174,18 @@ def _add_retrieval_splits(dataset, rows, test_items, test_root, query_root, max_
     if not query_folder.is_dir():
         raise InputError(f"query_root: {query_folder} is not a directory")
     queries = sorted({query for query, _, _ in rows})
+    outside = [query for query in queries if not _inside(query_folder, query)]
+    if outside:
+        raise InputError(f"ground_truth: {len(outside)} query paths leave {query_folder} (absolute, '..' or a "
+                         f"symlink out; paths must be relative to query_root), first: {outside[0]}")
     missing = [query for query in queries if not (query_folder / query).is_file()]
     if missing:
         raise InputError(f"ground_truth: {len(missing)} query images not found under {query_folder}, first: {missing[0]}")
-    candidates, _ = list_files(test_root)
     listed = {database for _, database, _ in rows}
-    unknown = sorted(listed - set(candidates))
+    unknown = sorted(listed - {item.origin for item in test_items})
     if unknown:
         raise InputError(f"ground_truth: {len(unknown)} database images not found under {test_root}, first: {unknown[0]}")
-    test_items = {item.origin: item for item in test_items}
-    database = [_required(test_items[rel]) if rel in listed else test_items[rel] for rel in candidates]
+    database = [_required(item) if item.origin in listed else item for item in test_items]
     query_items = [FileItem(path=query_folder / q, origin=q, required=True) for q in queries]
     dataset.splits["database"] = file_split(SOURCE, "database", database, dataset, max_side or 0, workers, exif=True)
     dataset.splits["query"] = file_split(SOURCE, "query", query_items, dataset, max_side or 0, workers, exif=True)
@@ -191,10 +204,21 @@ def _add_retrieval_splits(dataset, rows, test_items, test_root, query_root, max_
     dataset.info["protocols"] = ["positive"]
 
 
+def _inside(folder: Path, relative: str) -> bool:
+    """Whether ``folder / relative`` stays inside ``folder`` (symlinks resolved)."""
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts:
+        return False
+    base = folder.resolve()
+    target = (folder / relative).resolve()
+    return target == base or base in target.parents
+
+
 def _required(item: FileItem) -> FileItem:
     return FileItem(item.path, item.origin, item.label, item.class_name, item.crop, required=True)
 
 
 def _folder_item(folder: Path, relative: str, class_ids: dict[str, int]) -> FileItem:
     name = _first_folder(relative) if class_ids else None
-    return FileItem(path=folder / relative, origin=relative, label=class_ids.get(name), class_name=name)
+    return FileItem(path=folder / relative, origin=display_path(relative), label=class_ids.get(name),
+                    class_name=display_path(name) if name is not None else None)

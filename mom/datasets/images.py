@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -77,22 +78,28 @@ def decode_image(
     try:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file (0 bytes)")
-        with Image.open(path) as image:
-            if max_side and crop is None and image.format == "JPEG":
-                image.draft(image.mode, (max_side, max_side))  # decode at a reduced DCT scale (faster)
-            image.load()
-            if exif:
-                image = ImageOps.exif_transpose(image)
-            if crop is not None:
-                image = image.crop(tuple(float(value) for value in crop))
-            pixels = to_rgb(image)
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then
+        # allocates the whole image: refuse at the limit itself.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if max_side and crop is None and image.format == "JPEG":
+                    image.draft(image.mode, (max_side, max_side))  # decode at a reduced DCT scale (faster)
+                image.load()
+                if exif:
+                    image = ImageOps.exif_transpose(image)
+                if crop is not None:
+                    image = image.crop(tuple(float(value) for value in crop))
+                pixels = to_rgb(image)
     except RejectedImage:
         raise
     except FileNotFoundError:
         raise RejectedImage("file not found") from None
+    except PermissionError:
+        raise RejectedImage("permission denied (file not readable)") from None
     except Image.UnidentifiedImageError:
         raise RejectedImage("not an image (Pillow cannot identify the format)") from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RejectedImage(f"decompression bomb refused ({error})") from None
     except MemoryError:
         raise
@@ -103,18 +110,64 @@ def decode_image(
     return downscale(pixels, max_side)
 
 
-def list_files(root: Path) -> tuple[list[str], list[str]]:
-    """Relative POSIX paths under ``root``: (image candidates, other files), sorted."""
-    images, others = [], []
+EXTENSION_REASON = f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"
+OUTSIDE_REASON = "symlink to a file outside the collection: refused"
+BROKEN_LINK_REASON = "symlink to nothing (broken link)"
+FOLDER_LINK_REASON = "symlink to a folder: not followed"
+SPECIAL_REASON = "not a regular file (device, FIFO or socket)"
+
+
+def list_files(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative POSIX paths under ``root``: (image candidates, ``(path, reason)``
+    of every other entry), both sorted.
+
+    A collection never leaks files from outside its root: a symlink is used
+    only when it resolves to a regular file inside ``root``; symlinks to files
+    elsewhere, broken symlinks and symlinked folders (not entered: no loops, no
+    escape) are reported, as are devices, FIFOs and sockets (never opened) and
+    files with other extensions. Paths are the file system's names: on Linux a
+    name that is not UTF-8 keeps its bytes as surrogate escapes (use
+    :func:`display_path` for text that is stored or printed).
+    """
+    root = Path(root)
+    inside = root.resolve()
+    images, skipped = [], []
     for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        for name in subdirectories:
+            if Path(directory, name).is_symlink():
+                skipped.append((Path(directory, name).relative_to(root).as_posix(), FOLDER_LINK_REASON))
+        subdirectories[:] = sorted(name for name in subdirectories
+                                   if not name.startswith(".") and not Path(directory, name).is_symlink())
         for name in files:
             path = Path(directory, name)
-            if not path.is_file():
-                continue
             relative = path.relative_to(root).as_posix()
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(relative)
-    return sorted(images), sorted(others)
+            reason = _unusable_entry(path, inside)
+            if reason is None and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = EXTENSION_REASON
+            if reason is None:
+                images.append(relative)
+            else:
+                skipped.append((relative, reason))
+    return sorted(images), sorted(skipped)
+
+
+def _unusable_entry(path: Path, inside: Path) -> str | None:
+    """Why the directory entry ``path`` cannot be an item of the collection rooted at ``inside``."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            return BROKEN_LINK_REASON
+        if inside != target and inside not in target.parents:
+            return OUTSIDE_REASON
+    if not path.is_file():
+        return SPECIAL_REASON
+    return None
+
+
+def display_path(relative: str) -> str:
+    """``relative`` as valid UTF-8 text: bytes of a non-UTF-8 file name (kept
+    by Python as surrogate escapes) are written ``\\xNN``."""
+    return relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mom.datasets import PreparedDataset
-from mom.datasets.images import IMAGE_EXTENSIONS, FileItem, empty_split, file_split, list_files, require_files
+from mom.datasets.images import FileItem, display_path, empty_split, file_split, list_files, require_files
 from mom.errors import InputError
 
 GROUND_TRUTH_SCHEMA = pa.schema([("query", pa.int64()), ("database", pa.int64()), ("relevance", pa.string())])
@@ -113,9 +113,9 @@ def distractor_items(distractors_root: str | Path) -> tuple[list[FileItem], list
     root = Path(distractors_root)
     if not root.is_dir():
         raise InputError(f"distractors_root: {root} is not a directory")
-    candidates, others = list_files(root)
-    items = [FileItem(path=root / rel, origin=f"distractors/{rel}") for rel in candidates]
-    return items, others
+    candidates, skipped = list_files(root)
+    items = [FileItem(path=root / rel, origin=f"distractors/{display_path(rel)}") for rel in candidates]
+    return items, skipped
 
 
 def retrieval_dataset(
@@ -140,20 +140,21 @@ def retrieval_dataset(
     database = list(benchmark.database)
     distractors = 0
     if distractors_root:
-        items, others = distractor_items(distractors_root)
+        items, skipped = distractor_items(distractors_root)
         database += items
         distractors = len(items)
-        dataset.rejected += [{"split": "database", "path": f"distractors/{rel}", "reason": _EXTENSION_REASON} for rel in others]
+        dataset.rejected += [{"split": "database", "path": f"distractors/{display_path(rel)}", "reason": reason}
+                             for rel, reason in skipped]
     train_items = database
     if train_root:
         root = Path(train_root)
         if not root.is_dir():
             raise InputError(f"train_root: {root} is not a directory")
-        candidates, others = list_files(root)
+        candidates, skipped = list_files(root)
         if not candidates:
             raise InputError(f"train_root: no image files under {root}")
-        train_items = [FileItem(path=root / rel, origin=rel) for rel in candidates]
-        dataset.rejected += [{"split": "train", "path": rel, "reason": _EXTENSION_REASON} for rel in others]
+        train_items = [FileItem(path=root / rel, origin=display_path(rel)) for rel in candidates]
+        dataset.rejected += [{"split": "train", "path": display_path(rel), "reason": reason} for rel, reason in skipped]
     name = benchmark.name
     dataset.splits = {
         "query": file_split(name, "query", benchmark.queries, dataset, max_side, workers),
@@ -173,9 +174,6 @@ def retrieval_dataset(
         **benchmark.info,
     }
     return dataset
-
-
-_EXTENSION_REASON = f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"
 
 
 def _level_counts(table: pa.Table) -> dict[str, int]:
