@@ -36,9 +36,38 @@ def stage_command(name: str):
             log.info("finished in %.1f s", time.perf_counter() - start)
             return result
 
+        wrapper.stage_name = name
         return wrapper
 
     return decorate
+
+
+class StageCommand(click.Command):
+    """A click command whose option errors (wrong type, unknown choice, unknown
+    option) are one line on stderr, ``name: error: ...``, exit status 2, like
+    an :class:`InputError` (click's default prints usage and a hint: three
+    lines). Use as ``@click.command(cls=StageCommand)`` above the options."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            self._check_flags_have_no_value(list(args))
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            name = getattr(self.callback, "stage_name", self.name)
+            message = " ".join(error.format_message().split())
+            click.echo(f"{name}: error: {message}", err=True)
+            sys.exit(2)
+
+    def _check_flags_have_no_value(self, args: list[str]) -> None:
+        """DVC renders a non-boolean value of a boolean param as ``--flag VALUE``;
+        click would only say "unexpected extra argument": name the flag instead."""
+        flags = {opt: param for param in self.params if getattr(param, "is_flag", False)
+                 for opt in (*param.opts, *param.secondary_opts)}
+        for token, following in zip(args, args[1:]):
+            if token in flags and not following.startswith("-"):
+                param = flags[token]
+                raise click.UsageError(f"{param.opts[0]}: a true/false param, given as {param.opts[0]} or "
+                                       f"{(param.secondary_opts or ['(absent)'])[0]}; got the value {following!r}")
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from mom.datasets.revisited import prepare_revisited
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -138,7 +138,7 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
     return counts
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--source", type=click.Choice(SOURCES), default="fashion-mnist", show_default=True,
               help="dataset layout to read")
 @click.option("--root", default="/usr/share/datasets/fashion-mnist", show_default=True,
