@@ -138,7 +138,7 @@ def balanced_pieces(sizes: Sequence[int], world_size: int) -> list[range]:
 
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
-        dist.barrier()
+        dist.barrier(device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
 
 
 def broadcast_object(ctx: Context, obj=None, src: int = 0):

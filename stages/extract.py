@@ -150,8 +150,9 @@ def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, 
         torch.set_num_threads(options["threads"])
     meta = make_meta(options["backbone"], options["pooling"], options["gem_p"])
     net = build_network(meta, weights=options["weights"] or None, download=options["download_weights"])
-    log.info("%s + %s, %d dims, scales %s, %d torch threads, %d process(es) (%s)", meta["backbone"], meta["pooling"],
-             meta["dim"], list(options["scales"]), torch.get_num_threads(), ctx.world_size, ctx.backend or "no backend")
+    log.info("%s + %s, %d dims, scales %s on %s, %d torch threads, %d process(es) (%s)", meta["backbone"],
+             meta["pooling"], meta["dim"], list(options["scales"]), ctx.device, torch.get_num_threads(), ctx.world_size,
+             ctx.backend or "no process group")
 
     features, timings = {}, {}
     for split, store in stores.items():

@@ -87,4 +87,5 @@ def test_push_then_pull_into_a_fresh_clone_keeps_the_graph(project, webdav_serve
     reproduced = dvc(clone, "repro", "graph")
     assert "Running stage" not in reproduced, reproduced
     assert "Stage 'graph' didn't change, skipping" in reproduced
-    assert artifacts.load_json(clone / "data/graph/report.json") == artifacts.load_json(project / "data/graph/report.json")
+    report = "data/graph/report.json"
+    assert artifacts.load_json(clone / report) == artifacts.load_json(project / report)
