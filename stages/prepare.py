@@ -102,6 +102,9 @@ def _file_options(options: dict) -> dict:
 
 
 def _retrieval_options(options: dict) -> dict:
+    for name in ("distractors_root", "train_root"):  # before the benchmark's (slow) file checks
+        require(not options[name] or Path(options[name]).is_dir(),
+                f"{name}: {options[name]} is not a directory ('' = none)")
     return {
         "distractors_root": options["distractors_root"] or None,
         "train_root": options["train_root"] or None,
@@ -176,6 +179,7 @@ def main(**options):
     """Write the image stores of the train/val/test splits and report.json."""
     require(options["max_side"] >= 0, f"max_side: must be >= 0 (0 = keep the size), got {options['max_side']}")
     require(options["workers"] >= 0, f"--workers: must be >= 0 (0 = all cores), got {options['workers']}")
+    require(options["seed"] >= 0, f"seed: must be an integer >= 0, got {options['seed']}")
     options["workers"] = options["workers"] or os.cpu_count() or 1
     out_dir = Path(options.pop("out_dir"))
     dataset = load_source(options)
