@@ -29,13 +29,17 @@ from mom.errors import InputError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
 
-    On any exception (or a kill before the rename) the destination is untouched
-    and the temporary file is removed (or left with a ``.tmp-`` prefix that no
-    reader looks at).
+    On any exception the destination is untouched and the temporary file is
+    removed. A kill (SIGKILL, power loss) before the rename leaves the
+    destination untouched and the temporary file behind, with a ``.tmp-``
+    prefix that no reader looks at; the next successful write of the same
+    destination removes such leftovers (they would otherwise sit inside a DVC
+    directory output and change its hash).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    prefix = f".tmp-{path.name}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -44,8 +48,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
+        _remove_leftovers(path.parent, prefix)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _remove_leftovers(folder: Path, prefix: str) -> None:
+    """Delete temporaries of earlier, killed writes of one destination
+    (``prefix`` = ``.tmp-<name>-``). DVC runs one writer per output at a time."""
+    for leftover in folder.glob(_glob_escape(prefix) + "*"):
+        leftover.unlink(missing_ok=True)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{char}]" if char in "*?[" else char for char in text)
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -93,11 +93,17 @@ def stage_outputs(project: Path) -> dict[str, list[str]]:
 
 
 def output_files(project: Path, paths: list[str]) -> dict[str, bytes]:
-    """Every file under the given outputs (relative path -> bytes), ``.tmp-`` files included."""
+    """Every file of the given outputs (relative path -> bytes), with the
+    ``.tmp-`` files of atomic writes in progress: inside folder outputs, and
+    ``.tmp-<name>-*`` beside file outputs."""
     found = {}
     for path in paths:
         target = project / path
-        files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+        if target.is_dir():
+            files = sorted(p for p in target.rglob("*") if p.is_file())
+        else:
+            files = [target] if target.is_file() else []
+            files += sorted(target.parent.glob(f".tmp-{target.name}-*")) if target.parent.is_dir() else []
         for file in files:
             found[file.relative_to(project).as_posix()] = file.read_bytes()
     return found
