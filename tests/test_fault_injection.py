@@ -13,7 +13,8 @@ Two kinds of kill per stage, each from a state without the stage's outputs:
   renamed: the worst moment for a writer that is not atomic.
 After every kill each declared output is absent or complete and equal to the
 uninterrupted run's (bytes; JSON metrics: content apart from the run times
-they record); only ``.tmp-*`` files may be extra. The rerun starts from the
+they record); only ``.tmp-*`` files may be extra. Every output file must be
+published by such a rename (none written in place). The rerun starts from the
 last kill's state, as a user's ``dvc repro`` would, and must leave no
 ``.tmp-`` file behind (they would sit inside DVC directory outputs).
 finetune's kill-and-resume is tested in tests/test_finetune_stage.py.
@@ -190,6 +191,9 @@ def test_killed_stage_leaves_no_half_written_output_and_reruns_identically(refer
             assert comparable_outputs(found) == comparable_outputs(expected)
         leftovers |= {path for path in found if is_temporary(path)}
 
+    published = {line.split("\t")[1] for line in reference["commits"][stage]}
+    direct = [path for path in expected if str(project / path) not in published]
+    assert direct == [], f"{stage}: written without an atomic rename: {direct}"
     commits = len(reference["commits"][stage])
     for number in sorted({1, commits}):
         remove_outputs(project, declared)
