@@ -48,7 +48,8 @@ def png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 def encoded(format_: str, size=(24, 16), seed=0) -> bytes:
@@ -287,7 +288,8 @@ DAMAGES = {
     "manifest empty file": lambda f: (f / "manifest.parquet").write_bytes(b""),
     "manifest missing": lambda f: (f / "manifest.parquet").unlink(),
     "manifest missing column": lambda f: _damage_manifest(f, lambda t: t.drop(["offset"])),
-    "manifest wrong type": lambda f: _damage_manifest(f, lambda t: _set_column(t, "height", list("vwxyz"), pa.string())),
+    "manifest wrong type": lambda f: _damage_manifest(
+        f, lambda t: _set_column(t, "height", list("vwxyz"), pa.string())),
     "manifest negative offset": lambda f: _damage_manifest(f, lambda t: _set_column(t, "offset", [-1, 6, 15, 27, 42])),
     "manifest zero height": lambda f: _damage_manifest(f, lambda t: _set_column(t, "height", [0, 3, 4, 5, 6])),
     "manifest huge size": lambda f: _damage_manifest(f, lambda t: _set_column(t, "width", [2**31 - 1] * 5)),

@@ -32,7 +32,8 @@ COMMANDS = {"prepare": prepare, "extract": extract, "graph": graph, "anchors": a
             "proxy_retrieval": proxy_retrieval}
 # Words that say what is allowed (a range, a set, a type).
 ALLOWED_HINT = re.compile(r"must|one of|allowed|not a valid|is not an|between|at least|>=|<=|>|in \(|\.\.|"
-                          r"cpu or|true/false|need|expected|positive|not found|not a directory|or more|\d+-\d+|distinct", re.I)
+                          r"cpu or|true/false|need|expected|positive|not found|not a directory|or more|"
+                          r"\d+-\d+|distinct", re.I)
 
 FLAG = "a click flag given a value, as DVC renders a non-boolean value of a boolean param"
 CLICK_USAGE = "click usage error (3 lines: usage, hint, error): use stages._cli.StageCommand"
