@@ -1,7 +1,7 @@
 """A throw-away copy of the project with tiny params, and the rendered stage
 commands of its ``dvc.yaml``, for tests that run the real stage commands as
 subprocesses (no network, kill-and-rerun). Same approach as
-tests/test_pipeline_e2e.py, smaller: 60 Fashion-MNIST training images."""
+tests/test_pipeline_e2e.py, smaller: 70 Fashion-MNIST training images."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ HAVE_FASHION = (FASHION / "train-images-idx3-ubyte.gz").is_file()
 
 # Small params on top of params.yaml (the structure is the real one).
 TINY = {
-    "prepare": {"per_class": 12, "val_per_class": 4},
+    "prepare": {"per_class": 14, "val_per_class": 4},  # finetune: PCA head init needs >= 64 items
     "extract": {"batch_size": 64, "threads": 1},
     "graph": {"k": 8, "threads": 1},
     "diffuse": {"k": 20, "block_size": 16, "threads": 1},
