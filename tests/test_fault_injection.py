@@ -212,3 +212,26 @@ def test_killed_stage_leaves_no_half_written_output_and_reruns_identically(refer
     assert comparable_outputs(after) == comparable_outputs(expected), f"{stage}: the rerun differs"
     assert not [path for path in after if is_temporary(path)], f"{stage}: the rerun left temporaries"
     print(f"\n{stage}: {seconds:.2f} s, {commits} atomic commits; temporaries left by kills: {sorted(leftovers)}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not tiny_pipeline.HAVE_FASHION, reason="dataset-fashion-mnist not installed")
+def test_dvc_sees_a_killed_stage_as_changed_and_repro_restores_it(reference, tmp_path):
+    """The DVC view: after a kill between two outputs of ``graph``, ``dvc status``
+    names the stage (and nothing downstream yet); rerunning it gives outputs
+    with the locked hashes, so the whole mining pipeline is up to date."""
+    project, declared = reference["project"], reference["declared"]["graph"]
+    tiny_pipeline.dvc(project, "commit", "--force", "--with-deps", "mine")  # lock the reference outputs
+    assert "up to date" in tiny_pipeline.dvc(project, "status", "--with-deps", "mine")
+    remove_outputs(project, declared)
+    log = tmp_path / "commits"
+    kill_at_commit(project, reference["commands"]["graph"], hooked_env(project, reference["hook"], log, 2), log, 2)
+    status = tiny_pipeline.dvc(project, "status", "--with-deps", "mine")
+    assert "graph:" in status and "anchors:" not in status, status
+    # Plain `dvc repro` would check the outputs out of the cache (deps unchanged): force the rerun.
+    output = tiny_pipeline.dvc(project, "repro", "--force", "graph")
+    assert "Running stage 'graph'" in output, output
+    assert "up to date" in tiny_pipeline.dvc(project, "status", "--with-deps", "mine"), "rerun outputs differ"
+    after = tiny_pipeline.output_files(project, declared)
+    assert comparable_outputs(after) == comparable_outputs(reference["outputs"]["graph"])
+    assert not [path for path in after if is_temporary(path)]
