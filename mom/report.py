@@ -1,0 +1,164 @@
+"""The paper's Table 1 from the grid's per-cell results (method.md section 9).
+
+A *cell* is one Table 1 row (a pool variant, with or without the weighted loss)
+at one seed; its name is ``<row>_seed-<seed>``. Each cell contributes the
+``evaluate`` stage's metrics and the ``mine`` stage's purity report. This
+module builds the table (mean and sample standard deviation over seeds, the
+initial features as the first row) and renders it as Markdown and as a PNG.
+Which cells exist is the caller's decision (the params), never a folder scan.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+INITIAL_ROW = "initial features"
+# (column key, header) of the fine-grained metrics, in table order.
+FINE_GRAINED = (("recall_at_1", "R@1"), ("nmi", "NMI"))
+PURITY = (("positive_purity", "P+ purity"), ("negative_purity", "P- purity"))
+
+
+def cell_name(row: str, seed: int) -> str:
+    """The folder/metrics name of one grid cell, e.g. ``pos-manifold_neg-manifold_seed-1``."""
+    return f"{row}_seed-{seed}"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value)."""
+    if not values:
+        raise ValueError("no values")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def cell_metrics(evaluation: dict, version: str) -> dict[str, float]:
+    """Flat metrics of one ``evaluate`` report for ``version`` (initial or finetuned):
+    Recall@1 and NMI of the test split, mAP per retrieval protocol when present."""
+    flat = {}
+    test = evaluation.get("test", {}).get(version)
+    if test:
+        flat.update({key: float(test[key]) for key, _ in FINE_GRAINED if key in test})
+    retrieval = evaluation.get("retrieval", {}).get(version)
+    if retrieval:
+        flat.update({f"map_{protocol}": float(entry["map"]) for protocol, entry in retrieval.items()})
+    return flat
+
+
+def pool_purities(purity: dict) -> dict[str, float]:
+    """Purity of the pools a cell trained on: the variants its ``mine`` report says it wrote."""
+    written = purity["written"]
+    found = {}
+    for key, variant in (("positive_purity", f"{written['positives']}_positives"),
+                         ("negative_purity", f"{written['negatives']}_negatives")):
+        value = purity.get(variant, {}).get("purity")
+        if value is not None:
+            found[key] = float(value)
+    return found
+
+
+@dataclass
+class TableRow:
+    name: str
+    seeds: list[int]
+    values: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std)
+
+
+@dataclass
+class Table:
+    columns: list[tuple[str, str]]  # (key, header)
+    rows: list[TableRow]
+
+
+def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
+                purities: dict[str, dict] | None = None) -> Table:
+    """Table 1: the initial features first, then one row per grid row, each value
+    the mean and std over ``seeds`` of the cells ``cell_name(row, seed)``.
+
+    ``evaluations`` (and ``purities``) map cell names to the stage reports; keys
+    of other cells are ignored. A metric appears as a column only when every
+    cell has it. The initial row averages the cells' ``initial`` section (the
+    same features in every cell).
+    """
+    cells = [cell_name(row, seed) for row in rows for seed in seeds]
+    missing = [cell for cell in cells if cell not in evaluations]
+    if missing:
+        raise KeyError(f"no metrics for cells {missing}")
+    purities = purities or {}
+    finetuned = {cell: cell_metrics(evaluations[cell], "finetuned")
+                 | (pool_purities(purities[cell]) if cell in purities else {}) for cell in cells}
+    initial = {cell: cell_metrics(evaluations[cell], "initial") for cell in cells}
+    keys = [key for key in _ordered_keys(finetuned.values()) if all(key in m for m in finetuned.values())]
+    table = Table(columns=[(key, _header(key)) for key in keys], rows=[])
+    table.rows.append(_row(INITIAL_ROW, list(seeds), [initial[c] for c in cells], keys))
+    for row in rows:
+        table.rows.append(_row(row, list(seeds), [finetuned[cell_name(row, seed)] for seed in seeds], keys))
+    return table
+
+
+def _ordered_keys(metric_dicts) -> list[str]:
+    keys = []
+    for metrics in metric_dicts:
+        keys += [key for key in metrics if key not in keys]
+    order = [key for key, _ in FINE_GRAINED] + sorted(k for k in keys if k.startswith("map_")) + [k for k, _ in PURITY]
+    return [key for key in order if key in keys]
+
+
+def _header(key: str) -> str:
+    names = dict(FINE_GRAINED + PURITY)
+    return names.get(key, f"mAP {key[4:]}" if key.startswith("map_") else key)
+
+
+def _row(name: str, seeds: list[int], metric_dicts: list[dict], keys: list[str]) -> TableRow:
+    row = TableRow(name=name, seeds=seeds)
+    for key in keys:
+        values = [metrics[key] for metrics in metric_dicts if key in metrics]
+        if values:
+            row.values[key] = mean_std(values)
+    return row
+
+
+def format_value(value: tuple[float, float] | None) -> str:
+    """``mean ± std`` in percent with two decimals; an em dash when absent."""
+    if value is None:
+        return "—"
+    return f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
+
+
+def to_markdown(table: Table, title: str = "") -> str:
+    header = ["row", "seeds", *[name for _, name in table.columns]]
+    lines = [title, ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
+    for row in table.rows:
+        cells = [row.name, str(len(row.seeds)), *[format_value(row.values.get(key)) for key, _ in table.columns]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_dict(table: Table) -> dict:
+    """JSON form (DVC metrics): row -> column -> {mean, std}, plus the seeds."""
+    return {row.name: {"seeds": row.seeds, **{key: {"mean": mean, "std": std}
+                                              for key, (mean, std) in row.values.items()}}
+            for row in table.rows}
+
+
+def to_figure(table: Table, title: str = ""):
+    """The table drawn as a matplotlib figure (for a PNG)."""
+    header = ["row", "seeds", *[name for _, name in table.columns]]
+    body = [[row.name, str(len(row.seeds)), *[format_value(row.values.get(key)) for key, _ in table.columns]]
+            for row in table.rows]
+    figure, axis = plt.subplots(figsize=(2.2 + 1.5 * len(header), 0.5 + 0.35 * (len(body) + 1)))
+    axis.axis("off")
+    drawn = axis.table(cellText=body, colLabels=header, loc="center", cellLoc="center")
+    drawn.auto_set_font_size(False)
+    drawn.set_fontsize(8)
+    drawn.auto_set_column_width(list(range(len(header))))
+    if title:
+        axis.set_title(title, fontsize=9)
+    return figure

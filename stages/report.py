@@ -1,0 +1,86 @@
+"""Stage ``report``: the paper's Table 1 from the grid's cells (method.md section 9).
+
+The cells are those the ``grid`` section of ``--params`` lists (``rows`` x
+``seeds``), never the files found on disk: a stale cell left in
+``--metrics-dir`` is ignored. Per cell ``<row>_seed-<seed>`` it reads
+``<metrics-dir>/<cell>.json`` (the ``evaluate`` stage: Recall@1 and NMI of the
+test split, mAP per retrieval protocol when the dataset has a ground truth) and
+``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist).
+Writes ``--markdown`` and ``--png`` (the table: mean ± std over seeds in percent,
+the initial features first) and ``--json`` (the same numbers, DVC metrics).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import matplotlib.pyplot as plt
+import yaml
+
+from mom import artifacts
+from mom.report import build_table, cell_name, to_dict, to_figure, to_markdown
+from stages._cli import StageCommand, require, stage_command
+
+log = logging.getLogger("mom")
+
+TITLE = "Table 1 (Iscen et al. 2018): pools and loss, mean ± std over seeds (%)"
+
+
+def read_grid(path: Path) -> tuple[list[str], list[int]]:
+    """Row names and seeds of the ``grid`` section of a params file, validated."""
+    require(path.is_file(), f"--params: {path}: file not found")
+    grid = (yaml.safe_load(path.read_text()) or {}).get("grid")
+    require(isinstance(grid, dict), f"{path}: no 'grid' section (rows and seeds)")
+    rows, seeds = grid.get("rows"), grid.get("seeds")
+    require(isinstance(rows, list) and rows and all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                                    for r in rows),
+            f"{path}: grid.rows must be a non-empty list of rows, each with a 'name'")
+    names = [row["name"] for row in rows]
+    require(len(set(names)) == len(names), f"{path}: grid.rows: names must be distinct, got {names}")
+    require(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            and len(set(seeds)) == len(seeds), f"{path}: grid.seeds must be a non-empty list of distinct integers, "
+            f"got {seeds!r}")
+    return names, seeds
+
+
+def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path) -> tuple[dict, dict]:
+    evaluations, purities = {}, {}
+    for row, seed in ((row, seed) for row in names for seed in seeds):
+        cell = cell_name(row, seed)
+        path = metrics_dir / f"{cell}.json"
+        require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (dvc repro grid_evaluate)")
+        evaluations[cell] = artifacts.load_json(path)
+        purity = grid_dir / cell / "mine" / "purity.json"
+        if purity.is_file():
+            purities[cell] = artifacts.load_json(purity)
+    return evaluations, purities
+
+
+@click.command(cls=StageCommand)
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True,
+              help="params file whose grid section lists the cells")
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics/grid", show_default=True)
+@click.option("--grid-dir", type=click.Path(path_type=Path), default="data/grid", show_default=True)
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default="reports/table1.md",
+              show_default=True)
+@click.option("--png", "png_path", type=click.Path(path_type=Path), default="reports/table1.png", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default="reports/table1.json",
+              show_default=True)
+@stage_command("report")
+def main(params_path, metrics_dir, grid_dir, markdown_path, png_path, json_path):
+    """Table 1 from the grid's cells, as Markdown, PNG and JSON."""
+    names, seeds = read_grid(params_path)
+    evaluations, purities = read_cells(names, seeds, metrics_dir, grid_dir)
+    table = build_table(names, seeds, evaluations, purities)
+    markdown = to_markdown(table, f"**{TITLE}**")
+    artifacts.save_text(markdown_path, markdown)
+    artifacts.save_json(json_path, to_dict(table))
+    figure = to_figure(table, TITLE)
+    artifacts.save_figure(png_path, figure)
+    plt.close(figure)
+    log.info("%d rows x %d seeds:\n%s", len(names), len(seeds), markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Stage ``report`` and mom.report: Table 1 from a fake set of grid cells."""
+import statistics
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mom import artifacts
+from mom.report import build_table, cell_name, format_value, mean_std, pool_purities, to_markdown
+from stages import report as report_stage
+
+ROWS = ["pos-euclidean_neg-random", "pos-manifold_neg-manifold_weighted"]
+SEEDS = [0, 1, 2]
+INITIAL = {"recall_at_1": 0.40, "nmi": 0.30}
+
+
+def finetuned_values(row: int, seed: int) -> dict:
+    rng = np.random.default_rng(100 * row + seed)
+    return {"recall_at_1": float(0.5 + 0.1 * row + rng.uniform(0, 0.05)), "nmi": float(0.35 + rng.uniform(0, 0.05))}
+
+
+def evaluation(finetuned: dict) -> dict:
+    return {"test": {"items": 10, "initial": {**INITIAL, "recall_at_2": 0.5},
+                     "finetuned": {**finetuned, "recall_at_2": 0.9}}}
+
+
+def purity(positives: str, negatives: str, seed: int) -> dict:
+    return {"written": {"positives": positives, "negatives": negatives},
+            "manifold_positives": {"purity": 0.4}, "euclidean_positives": {"purity": 0.6 + 0.01 * seed},
+            "manifold_negatives": {"purity": 0.96}, "random_negatives": {"purity": 0.8 - 0.02 * seed}}
+
+
+@pytest.fixture
+def grid_project(tmp_path):
+    """params.yaml with the grid, every listed cell's metrics and purity, and stale cells on disk."""
+    rows = [{"name": name, "mine": {}, "finetune": {}} for name in ROWS]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"grid": {"seeds": SEEDS, "rows": rows}}))
+    variants = {ROWS[0]: ("euclidean", "random"), ROWS[1]: ("manifold", "manifold")}
+    for r, row in enumerate(ROWS):
+        for seed in SEEDS:
+            cell = cell_name(row, seed)
+            artifacts.save_json(tmp_path / "metrics" / "grid" / f"{cell}.json", evaluation(finetuned_values(r, seed)))
+            artifacts.save_json(tmp_path / "data" / "grid" / cell / "mine" / "purity.json",
+                                purity(*variants[row], seed))
+    stale = evaluation({"recall_at_1": 0.99, "nmi": 0.99})
+    artifacts.save_json(tmp_path / "metrics" / "grid" / "pos-manifold_neg-random_seed-0.json", stale)  # old row
+    artifacts.save_json(tmp_path / "metrics" / "grid" / f"{cell_name(ROWS[0], 9)}.json", stale)  # removed seed
+    return tmp_path
+
+
+def run_report(folder, *extra):
+    args = ["--params", str(folder / "params.yaml"), "--metrics-dir", str(folder / "metrics" / "grid"),
+            "--grid-dir", str(folder / "data" / "grid"), "--markdown", str(folder / "reports" / "table1.md"),
+            "--png", str(folder / "reports" / "table1.png"), "--json", str(folder / "reports" / "table1.json"), *extra]
+    return CliRunner().invoke(report_stage.main, args)
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    values = [0.1, 0.25, 0.7]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(statistics.mean(values))
+    assert std == pytest.approx(statistics.stdev(values))
+    assert mean_std([0.3]) == (0.3, 0.0)
+
+
+def test_report_table_from_listed_cells_ignores_stale_files(grid_project):
+    result = run_report(grid_project)
+    assert result.exit_code == 0, result.output
+    rows = table_rows((grid_project / "reports" / "table1.md").read_text())
+    header, body = rows[0], rows[2:]
+    assert header == ["row", "seeds", "R@1", "NMI", "P+ purity", "P- purity"]
+    assert [row[0] for row in body] == ["initial features", *ROWS], "initial row first, then the params' rows"
+    assert body[0][2:4] == ["40.00 ± 0.00", "30.00 ± 0.00"] and body[0][4:] == ["—", "—"]
+    for r, row in enumerate(ROWS):
+        for column, key in ((2, "recall_at_1"), (3, "nmi")):
+            values = [finetuned_values(r, seed)[key] for seed in SEEDS]  # the stale 0.99 cells must not count
+            expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+            assert body[1 + r][column] == expected, (row, key)
+        assert body[1 + r][1] == "3"
+    euclidean = [0.6 + 0.01 * seed for seed in SEEDS]
+    random = [0.8 - 0.02 * seed for seed in SEEDS]
+    assert body[1][4] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
+    assert body[1][5] == format_value((statistics.mean(random), statistics.stdev(random)))
+    assert body[2][4:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
+
+    table = artifacts.load_json(grid_project / "reports" / "table1.json")
+    assert list(table) == ["initial features", *ROWS]
+    values = [finetuned_values(1, seed)["recall_at_1"] for seed in SEEDS]
+    assert table[ROWS[1]]["recall_at_1"]["mean"] == pytest.approx(statistics.mean(values))
+    assert table[ROWS[1]]["recall_at_1"]["std"] == pytest.approx(statistics.stdev(values))
+    assert (grid_project / "reports" / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_is_deterministic(grid_project):
+    assert run_report(grid_project).exit_code == 0
+    first = {name: (grid_project / "reports" / name).read_bytes() for name in ("table1.md", "table1.png", "table1.json")}
+    assert run_report(grid_project).exit_code == 0
+    assert first == {name: (grid_project / "reports" / name).read_bytes() for name in first}
+
+
+def test_a_listed_cell_without_metrics_is_a_one_line_error(grid_project):
+    (grid_project / "metrics" / "grid" / f"{cell_name(ROWS[1], 2)}.json").unlink()
+    result = run_report(grid_project)
+    assert result.exit_code == 2
+    assert f"{cell_name(ROWS[1], 2)}" in result.output and "grid_evaluate" in result.output
+    assert not (grid_project / "reports" / "table1.md").exists()
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"seeds": [0, 0], "rows": [{"name": "a"}]}, "distinct integers"),
+    ({"seeds": [], "rows": [{"name": "a"}]}, "grid.seeds"),
+    ({"seeds": [0], "rows": [{"name": "a"}, {"name": "a"}]}, "names must be distinct"),
+    ({"seeds": [0], "rows": []}, "grid.rows"),
+])
+def test_invalid_grid_params_are_refused(tmp_path, grid, message):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"grid": grid}))
+    result = run_report(tmp_path)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_columns_only_where_every_cell_has_the_metric():
+    evaluations = {cell_name("a", 0): evaluation({"recall_at_1": 0.5, "nmi": 0.4}),
+                   cell_name("a", 1): {"test": {"initial": INITIAL, "finetuned": {"recall_at_1": 0.7}}}}
+    table = build_table(["a"], [0, 1], evaluations)
+    assert [key for key, _ in table.columns] == ["recall_at_1"]
+    assert table.rows[1].values["recall_at_1"] == pytest.approx(mean_std([0.5, 0.7]))
+    assert "| a | 2 | 60.00 ± 14.14 |" in to_markdown(table)
+
+
+def test_retrieval_map_columns_and_purity_of_the_written_variants():
+    evaluations = {cell_name("r", seed): {"retrieval": {
+        "initial": {"medium": {"map": 0.3}}, "finetuned": {"medium": {"map": 0.5 + 0.1 * seed}}}} for seed in (0, 1)}
+    table = build_table(["r"], [0, 1], evaluations)
+    assert [header for _, header in table.columns] == ["mAP medium"]
+    assert table.rows[0].values["map_medium"] == pytest.approx((0.3, 0.0))
+    assert table.rows[1].values["map_medium"] == pytest.approx(mean_std([0.5, 0.6]))
+    assert pool_purities(purity("manifold", "random", 2)) == {"positive_purity": 0.4, "negative_purity": 0.76}
+    unlabelled = {"written": {"positives": "manifold", "negatives": "manifold"},
+                  "manifold_positives": {"purity": None}, "manifold_negatives": {"purity": None}}
+    assert pool_purities(unlabelled) == {}
