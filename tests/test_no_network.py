@@ -1,5 +1,6 @@
-"""No network access at run time: every stage of dvc.yaml, run with the command
-line DVC renders (tiny params), in subprocesses whose sockets refuse to reach
+"""No network access at run time: every stage of the default pipeline
+(tiny_pipeline.DEFAULT_TARGETS and upstream), run with the command line DVC
+renders (tiny params), in subprocesses whose sockets refuse to reach
 any host. A ``sitecustomize.py`` on PYTHONPATH patches ``socket`` at start-up
 so that an attempt fails loudly *and* is recorded in a file, even when the
 stage would have caught the error and carried on."""
@@ -89,6 +90,6 @@ def test_every_stage_runs_without_network(tmp_path, offline):
         log = offline[1]
         assert not log.exists(), f"{stage} tried to reach the network:\n{log.read_text()}"
     outputs = tiny_pipeline.stage_outputs(project)
-    for stage, paths in outputs.items():
-        for path in paths:
+    for stage in commands:
+        for path in outputs[stage]:
             assert (project / path).exists(), f"{stage} did not write {path}"

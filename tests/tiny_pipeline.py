@@ -63,11 +63,16 @@ def dvc(project: Path, *args: str, env: dict | None = None) -> str:
     return result.stdout
 
 
-def stage_commands(project: Path) -> dict[str, list[str]]:
-    """Each stage's command line as DVC renders it from dvc.yaml and params.yaml
-    (read from ``dvc repro --dry``, which runs nothing), as argv lists whose
-    ``python`` is this interpreter."""
-    output = dvc(project, "repro", "--dry", "--force")
+# The default pipeline: these stages and everything upstream of them (the
+# Table 1 grid of matrix stages is not part of it).
+DEFAULT_TARGETS = ("evaluate", "proxy_retrieval")
+
+
+def stage_commands(project: Path, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, list[str]]:
+    """The command line of ``targets`` and their upstream stages as DVC renders
+    it from dvc.yaml and params.yaml (read from ``dvc repro --dry``, which runs
+    nothing), in run order, as argv lists whose ``python`` is this interpreter."""
+    output = dvc(project, "repro", "--dry", "--force", *targets)
     commands, stage = {}, None
     for line in output.splitlines():
         if line.startswith("Running stage '"):
