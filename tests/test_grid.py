@@ -1,0 +1,120 @@
+"""The Table 1 grid of dvc.yaml: the cells DVC renders from params.yaml (rows x
+seeds), the options each cell's commands end up with, and that a new seed runs
+only the new cells (real ``dvc repro`` of one row on tiny data)."""
+import shlex
+
+import pytest
+import yaml
+
+from mom import artifacts
+from stages import evaluate, finetune, mine, whiten
+from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, make_project
+
+GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate")
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+ROWS = PARAMS["grid"]["rows"]
+SEEDS = PARAMS["grid"]["seeds"]
+# The paper's Table 1 rows: (positives, negatives, weighted loss).
+TABLE_1 = {("euclidean", "random", False), ("manifold", "random", False), ("euclidean", "manifold", False),
+           ("manifold", "manifold", False), ("manifold", "manifold", True)}
+
+
+def set_params(project, **sections):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def rendered_commands(project) -> dict[str, list[str]]:
+    """Stage name -> argv, as ``dvc repro --dry --force`` renders them (runs nothing)."""
+    commands, stage = {}, None
+    for line in dvc(project, "repro", "--dry", "--force").splitlines():
+        if line.startswith("Running stage '"):
+            stage = line.split("'")[1]
+        elif line.startswith("> ") and stage:
+            commands[stage] = shlex.split(line[2:])
+            stage = None
+    return commands
+
+
+def parsed(command, argv: list[str]) -> dict:
+    """The option values click gives the stage for this command line (later options win)."""
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("stages."), argv[:3]
+    return command.make_context(argv[2], list(argv[3:])).params
+
+
+def test_params_grid_is_the_papers_table_1():
+    assert {(r["mine"]["positives"], r["mine"]["negatives"], r["finetune"]["weighted"]) for r in ROWS} == TABLE_1
+    assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
+    for row in ROWS:
+        weighted = "_weighted" if row["finetune"]["weighted"] else ""
+        assert row["name"] == f"pos-{row['mine']['positives']}_neg-{row['mine']['negatives']}{weighted}"
+
+
+def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
+    project = make_project(tmp_path)
+    listed = dict(line.split(None, 1) for line in dvc(project, "stage", "list").splitlines() if line.strip())
+    for stage in GRID_STAGES:
+        cells = sorted(name for name in listed if name.startswith(f"{stage}@"))
+        assert cells == sorted(f"{stage}@row{r}-{seed}" for r in range(len(ROWS)) for seed in SEEDS)
+        for r, row in enumerate(ROWS):
+            for seed in SEEDS:
+                assert listed[f"{stage}@row{r}-{seed}"].startswith(f"{row['name']}_seed-{seed}:")
+    assert "report" in listed and "pool_figure" in listed
+
+
+def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
+    project = make_project(tmp_path)
+    commands = rendered_commands(project)
+    folders = set()
+    for r, row in enumerate(ROWS):
+        for seed in SEEDS:
+            cell = f"{row['name']}_seed-{seed}"
+            folder = f"data/grid/{cell}"
+            folders.add(folder)
+            mined = parsed(mine.main, commands[f"grid_mine@row{r}-{seed}"])
+            assert (mined["positives"], mined["negatives"], mined["seed"]) == (
+                row["mine"]["positives"], row["mine"]["negatives"], seed)
+            assert mined["out_dir"] == f"{folder}/mine"
+            tuned = parsed(finetune.main, commands[f"grid_finetune@row{r}-{seed}"])
+            assert (tuned["weighted"], tuned["seed"]) == (row["finetune"]["weighted"], seed)
+            assert str(tuned["pools_path"]) == f"{folder}/mine/pools.parquet"
+            assert str(tuned["out_dir"]) == f"{folder}/finetune"
+            assert str(tuned["checkpoint_dir"]) == f"checkpoints/grid/{cell}"
+            whitened = parsed(whiten.main, commands[f"grid_whiten@row{r}-{seed}"])
+            assert str(whitened["model_path"]) == f"{folder}/finetune/model.pt"
+            assert str(whitened["out_dir"]) == f"{folder}/whiten"
+            evaluated = parsed(evaluate.main, commands[f"grid_evaluate@row{r}-{seed}"])
+            assert str(evaluated["model_path"]) == f"{folder}/finetune/model.pt"
+            assert str(evaluated["whitening_path"]) == f"{folder}/whiten/whitening.npz"
+            assert str(evaluated["metrics_path"]) == f"metrics/grid/{cell}.json"
+    assert len(folders) == len(ROWS) * len(SEEDS)
+    # every other option comes from the stage's own section, as in the main pipeline
+    sections = yaml.safe_load((project / "params.yaml").read_text())
+    tuned = parsed(finetune.main, commands["grid_finetune@row0-0"])
+    assert (tuned["epochs"], tuned["batch_size_embed"]) == (sections["finetune"]["epochs"],
+                                                           sections["finetune"]["batch_size_embed"])
+    assert parsed(mine.main, commands["grid_mine@row0-0"])["k_neg"] == sections["mine"]["k_neg"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
+def test_a_new_seed_runs_only_the_new_cells(tmp_path):
+    project = make_project(tmp_path)
+    first = ROWS[0]["name"]
+    set_params(project, grid={"rows": ROWS[:1], "seeds": [0]},
+               report={"figure_ours": f"{first}_seed-0", "figure_baseline": f"{first}_seed-0", "figure_members": 2})
+    output = dvc(project, "repro", "report", "pool_figure")
+    assert "Running stage 'grid_evaluate@row0-0'" in output
+    table = (project / "reports" / "table1.md").read_text()
+    assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
+    assert (project / "reports" / "pools.png").stat().st_size > 0
+    cell = artifacts.load_json(project / "metrics" / "grid" / f"{first}_seed-0.json")
+    assert 0 <= cell["test"]["finetuned"]["recall_at_1"] <= 1
+
+    set_params(project, grid={"seeds": [0, 7]})
+    output = dvc(project, "repro", "report", "pool_figure")
+    ran = sorted(line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '"))
+    assert ran == sorted([*(f"{stage}@row0-7" for stage in GRID_STAGES), "report"]), ran
+    assert f"| {first} | 2 |" in (project / "reports" / "table1.md").read_text()
