@@ -97,14 +97,17 @@ def write_store(folder, labels) -> None:
                                          "label": list(labels) if labels is not None else [None] * n})
 
 
+def save_cells(grid_dir, **cells) -> None:
+    for cell, table in cells.items():
+        artifacts.save_parquet(grid_dir / cell / "mine" / "pools.parquet", table)
+
+
 @pytest.mark.parametrize("labelled", [True, False])
 def test_stage_writes_a_png(tmp_path, labelled):
     write_store(tmp_path / "train", LABELS if labelled else None)
-    artifacts.save_parquet(tmp_path / "ours.parquet", OURS)
-    artifacts.save_parquet(tmp_path / "baseline.parquet", BASELINE)
-    args = ["--train", str(tmp_path / "train"), "--ours", str(tmp_path / "ours.parquet"),
-            "--baseline", str(tmp_path / "baseline.parquet"), "--out", str(tmp_path / "pools.png"),
-            "--figure_members", "2"]
+    save_cells(tmp_path / "grid", ours=OURS, base=BASELINE)
+    args = ["--train", str(tmp_path / "train"), "--grid-dir", str(tmp_path / "grid"), "--ours", "ours",
+            "--baseline", "base", "--out", str(tmp_path / "pools.png"), "--members", "2"]
     result = CliRunner().invoke(pool_figure_stage.main, args)
     assert result.exit_code == 0, result.output
     first = (tmp_path / "pools.png").read_bytes()
@@ -115,13 +118,15 @@ def test_stage_writes_a_png(tmp_path, labelled):
 
 def test_stage_refuses_bad_options_and_pools(tmp_path):
     write_store(tmp_path / "train", LABELS)
-    artifacts.save_parquet(tmp_path / "ours.parquet", OURS)
-    artifacts.save_parquet(tmp_path / "bad.parquet", pools([(0, N, "positive", 1)]))
-    base = ["--train", str(tmp_path / "train"), "--ours", str(tmp_path / "ours.parquet"), "--out",
-            str(tmp_path / "pools.png")]
-    for extra, message in ((["--baseline", str(tmp_path / "ours.parquet"), "--figure_members", "0"], "--figure_members"),
-                           (["--baseline", str(tmp_path / "bad.parquet")], "ids outside"),
-                           (["--baseline", str(tmp_path / "missing.parquet")], "file not found")):
+    save_cells(tmp_path / "grid", ours=OURS, bad=pools([(0, N, "positive", 1)]))
+    base = ["--train", str(tmp_path / "train"), "--grid-dir", str(tmp_path / "grid"), "--ours", "ours",
+            "--out", str(tmp_path / "pools.png")]
+    for extra, message in ((["--baseline", "ours", "--members", "0"], "--members"),
+                           (["--baseline", "ours", "--anchors", "0"], "--anchors"),
+                           (["--baseline", "ours", "--seed", "-1"], "--seed"),
+                           (["--baseline", "../ours"], "--baseline: a grid cell name"),
+                           (["--baseline", "bad"], "ids outside"),
+                           (["--baseline", "missing"], "file not found")):
         result = CliRunner().invoke(pool_figure_stage.main, base + extra)
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
     assert not (tmp_path / "pools.png").exists()

@@ -104,7 +104,7 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     project = make_project(tmp_path)
     first = ROWS[0]["name"]
     set_params(project, grid={"rows": ROWS[:1], "seeds": [0]},
-               report={"figure_ours": f"{first}_seed-0", "figure_baseline": f"{first}_seed-0", "figure_members": 2})
+               pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
     output = dvc(project, "repro", "report", "pool_figure")
     assert "Running stage 'grid_evaluate@row0-0'" in output
     table = (project / "reports" / "table1.md").read_text()
