@@ -27,20 +27,22 @@ log = logging.getLogger("mom")
 POOL_COLUMNS = ("anchor", "member", "kind", "rank")
 
 
-def read_pools(path: Path, n_items: int):
-    require(path.is_file(), f"{path}: file not found (run the grid's mine stage for that cell)")
+def read_pools(path: Path, n_items: int, option: str):
+    where = f"--{option}: {path}"
+    require(path.is_file(), f"{where}: file not found (run the grid's mine stage of that cell)")
     table = artifacts.load_parquet(path)
     missing = [name for name in POOL_COLUMNS if name not in table.column_names]
-    require(not missing, f"{path}: missing columns {missing} (expected {list(POOL_COLUMNS)})")
-    require(len(table) > 0, f"{path}: no pool members")
+    require(not missing, f"{where}: missing columns {missing} (expected {list(POOL_COLUMNS)})")
+    require(len(table) > 0, f"{where}: no pool members, expected at least one")
     ids = np.concatenate([table.column(name).to_numpy() for name in ("anchor", "member")])
-    require(ids.min() >= 0 and ids.max() < n_items, f"{path}: ids outside 0..{n_items - 1} of the train split")
+    require(ids.min() >= 0 and ids.max() < n_items, f"{where}: ids outside 0..{n_items - 1} of the train split")
     return table
 
 
 def cell_pools_path(grid_dir: Path, cell: str, option: str) -> Path:
     require(cell and "/" not in cell and "\\" not in cell and cell not in (".", ".."),
-            f"--{option}: a grid cell name such as pos-manifold_neg-manifold_seed-0, got {cell!r}")
+            f"--{option}: must be a grid cell name (a folder of --grid-dir, no path separators) such as "
+            f"pos-manifold_neg-manifold_seed-0, got {cell!r}")
     return grid_dir / cell / "mine" / "pools.parquet"
 
 
@@ -66,7 +68,8 @@ def main(ours, baseline, anchor_count, members, seed, grid_dir, train_dir, out_p
     baseline_path = cell_pools_path(grid_dir, baseline, "baseline")
     require((train_dir / "manifest.parquet").is_file(), f"--train: {train_dir}: no image store (run prepare)")
     store = ImageStore.open(train_dir)
-    ours_pools, baseline_pools = read_pools(ours_path, len(store)), read_pools(baseline_path, len(store))
+    ours_pools = read_pools(ours_path, len(store), "ours")
+    baseline_pools = read_pools(baseline_path, len(store), "baseline")
     try:
         anchors = choose_anchors(ours_pools, baseline_pools, anchor_count, seed)
     except ValueError as error:

@@ -124,7 +124,7 @@ def test_stage_refuses_bad_options_and_pools(tmp_path):
     for extra, message in ((["--baseline", "ours", "--members", "0"], "--members"),
                            (["--baseline", "ours", "--anchors", "0"], "--anchors"),
                            (["--baseline", "ours", "--seed", "-1"], "--seed"),
-                           (["--baseline", "../ours"], "--baseline: a grid cell name"),
+                           (["--baseline", "../ours"], "--baseline: must be a grid cell name"),
                            (["--baseline", "bad"], "ids outside"),
                            (["--baseline", "missing"], "file not found")):
         result = CliRunner().invoke(pool_figure_stage.main, base + extra)
