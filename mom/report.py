@@ -2,7 +2,9 @@
 
 A *cell* is one Table 1 row (a pool variant, with or without the weighted loss)
 at one seed; its name is ``<row>_seed-<seed>``. Each cell contributes the
-``evaluate`` stage's metrics and the ``mine`` stage's purity report. This
+``evaluate`` stage's metrics, the ``mine`` stage's purity report and, when
+present, the ``proxy_retrieval`` stage's mAP per augmentation level (the
+stand-in for the paper's Oxford5k column). This
 module builds the table (mean and sample standard deviation over seeds, the
 initial features as the first row) and renders it as Markdown and as a PNG.
 Which cells exist is the caller's decision (the params), never a folder scan.
@@ -51,6 +53,20 @@ def cell_metrics(evaluation: dict, version: str) -> dict[str, float]:
     return flat
 
 
+def proxy_metrics(proxy: dict, version: str) -> dict[str, float]:
+    """Proxy retrieval mAP per level: the ``initial`` network, or for ``finetuned``
+    the fine-tuned descriptors after the cell's whitening when it was applied."""
+    flat = {}
+    for level, entry in proxy.get("levels", {}).items():
+        if version == "initial":
+            chosen = entry.get("initial")
+        else:
+            chosen = entry.get("finetuned_whitened", entry.get("finetuned"))
+        if chosen is not None:
+            flat[f"proxy_map_{level}"] = float(chosen["map"])
+    return flat
+
+
 def pool_purities(purity: dict) -> dict[str, float]:
     """Purity of the pools a cell trained on: the variants its ``mine`` report says it wrote."""
     written = purity["written"]
@@ -77,11 +93,11 @@ class Table:
 
 
 def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
-                purities: dict[str, dict] | None = None) -> Table:
+                purities: dict[str, dict] | None = None, proxies: dict[str, dict] | None = None) -> Table:
     """Table 1: the initial features first, then one row per grid row, each value
     the mean and std over ``seeds`` of the cells ``cell_name(row, seed)``.
 
-    ``evaluations`` (and ``purities``) map cell names to the stage reports; keys
+    ``evaluations`` (and ``purities``, ``proxies``) map cell names to the stage reports; keys
     of other cells are ignored. A metric appears as a column only when every
     cell has it. The initial row averages the cells' ``initial`` section (the
     same features in every cell).
@@ -90,10 +106,12 @@ def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
     missing = [cell for cell in cells if cell not in evaluations]
     if missing:
         raise KeyError(f"no metrics for cells {missing}")
-    purities = purities or {}
+    purities, proxies = purities or {}, proxies or {}
     finetuned = {cell: cell_metrics(evaluations[cell], "finetuned")
+                 | proxy_metrics(proxies.get(cell, {}), "finetuned")
                  | (pool_purities(purities[cell]) if cell in purities else {}) for cell in cells}
-    initial = {cell: cell_metrics(evaluations[cell], "initial") for cell in cells}
+    initial = {cell: cell_metrics(evaluations[cell], "initial") | proxy_metrics(proxies.get(cell, {}), "initial")
+               for cell in cells}
     keys = [key for key in _ordered_keys(finetuned.values()) if all(key in m for m in finetuned.values())]
     table = Table(columns=[(key, _header(key)) for key in keys], rows=[])
     table.rows.append(_row(INITIAL_ROW, list(seeds), [initial[c] for c in cells], keys))
@@ -106,12 +124,15 @@ def _ordered_keys(metric_dicts) -> list[str]:
     keys = []
     for metrics in metric_dicts:
         keys += [key for key in metrics if key not in keys]
-    order = [key for key, _ in FINE_GRAINED] + sorted(k for k in keys if k.startswith("map_")) + [k for k, _ in PURITY]
+    order = ([key for key, _ in FINE_GRAINED] + sorted(k for k in keys if k.startswith("map_"))
+             + sorted(k for k in keys if k.startswith("proxy_map_")) + [k for k, _ in PURITY])
     return [key for key in order if key in keys]
 
 
 def _header(key: str) -> str:
     names = dict(FINE_GRAINED + PURITY)
+    if key.startswith("proxy_map_"):
+        return f"proxy mAP {key[len('proxy_map_'):]}"
     return names.get(key, f"mAP {key[4:]}" if key.startswith("map_") else key)
 
 

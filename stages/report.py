@@ -5,7 +5,9 @@ The cells are those the ``grid`` section of ``--params`` lists (``rows`` x
 ``--metrics-dir`` is ignored. Per cell ``<row>_seed-<seed>`` it reads
 ``<metrics-dir>/<cell>.json`` (the ``evaluate`` stage: Recall@1 and NMI of the
 test split, mAP per retrieval protocol when the dataset has a ground truth) and
-``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist).
+``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist) and,
+when it exists, ``<proxy-dir>/<cell>.json`` (proxy retrieval mAP per level; a
+column appears only when every listed cell has it).
 Writes ``--markdown`` and ``--png`` (the table: mean ± std over seeds in percent,
 the initial features first) and ``--json`` (the same numbers, DVC metrics).
 """
@@ -44,8 +46,8 @@ def read_grid(path: Path) -> tuple[list[str], list[int]]:
     return names, seeds
 
 
-def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path) -> tuple[dict, dict]:
-    evaluations, purities = {}, {}
+def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path) -> tuple[dict, dict, dict]:
+    evaluations, purities, proxies = {}, {}, {}
     for row, seed in ((row, seed) for row in names for seed in seeds):
         cell = cell_name(row, seed)
         path = metrics_dir / f"{cell}.json"
@@ -54,7 +56,10 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path) -> tuple[dict, d
         purity = grid_dir / cell / "mine" / "purity.json"
         if purity.is_file():
             purities[cell] = artifacts.load_json(purity)
-    return evaluations, purities
+        proxy = proxy_dir / f"{cell}.json"
+        if proxy.is_file():
+            proxies[cell] = artifacts.load_json(proxy)
+    return evaluations, purities, proxies
 
 
 @click.command(cls=StageCommand)
@@ -62,17 +67,18 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path) -> tuple[dict, d
               help="params file whose grid section lists the cells")
 @click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics/grid", show_default=True)
 @click.option("--grid-dir", type=click.Path(path_type=Path), default="data/grid", show_default=True)
+@click.option("--proxy-dir", type=click.Path(path_type=Path), default="metrics/grid_proxy", show_default=True)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default="reports/table1.md",
               show_default=True)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default="reports/table1.png", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default="reports/table1.json",
               show_default=True)
 @stage_command("report")
-def main(params_path, metrics_dir, grid_dir, markdown_path, png_path, json_path):
+def main(params_path, metrics_dir, grid_dir, proxy_dir, markdown_path, png_path, json_path):
     """Table 1 from the grid's cells, as Markdown, PNG and JSON."""
     names, seeds = read_grid(params_path)
-    evaluations, purities = read_cells(names, seeds, metrics_dir, grid_dir)
-    table = build_table(names, seeds, evaluations, purities)
+    evaluations, purities, proxies = read_cells(names, seeds, metrics_dir, grid_dir, proxy_dir)
+    table = build_table(names, seeds, evaluations, purities, proxies)
     markdown = to_markdown(table, f"**{TITLE}**")
     artifacts.save_text(markdown_path, markdown)
     artifacts.save_json(json_path, to_dict(table))

@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from mom import artifacts
-from stages import evaluate, finetune, mine, whiten
+from stages import evaluate, finetune, mine, proxy_retrieval, whiten
 from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, make_project
 
-GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate")
+GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "grid_proxy")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 ROWS = PARAMS["grid"]["rows"]
 SEEDS = PARAMS["grid"]["seeds"]
@@ -89,6 +89,10 @@ def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
             assert str(evaluated["model_path"]) == f"{folder}/finetune/model.pt"
             assert str(evaluated["whitening_path"]) == f"{folder}/whiten/whitening.npz"
             assert str(evaluated["metrics_path"]) == f"metrics/grid/{cell}.json"
+            proxied = parsed(proxy_retrieval.main, commands[f"grid_proxy@row{r}-{seed}"])
+            assert (proxied["model_path"], proxied["whitening_path"]) == (f"{folder}/finetune/model.pt",
+                                                                          f"{folder}/whiten/whitening.npz")
+            assert str(proxied["metrics_path"]) == f"metrics/grid_proxy/{cell}.json"
     assert len(folders) == len(ROWS) * len(SEEDS)
     # every other option comes from the stage's own section, as in the main pipeline
     sections = yaml.safe_load((project / "params.yaml").read_text())
@@ -109,6 +113,7 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     assert "Running stage 'grid_evaluate@row0-0'" in output
     table = (project / "reports" / "table1.md").read_text()
     assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
+    assert "proxy mAP strong" in table and "P+ purity" in table
     assert (project / "reports" / "pools.png").stat().st_size > 0
     cell = artifacts.load_json(project / "metrics" / "grid" / f"{first}_seed-0.json")
     assert 0 <= cell["test"]["finetuned"]["recall_at_1"] <= 1

@@ -25,6 +25,12 @@ def evaluation(finetuned: dict) -> dict:
                      "finetuned": {**finetuned, "recall_at_2": 0.9}}}
 
 
+def proxy(row: int, seed: int) -> dict:
+    return {"note": "PROXY", "levels": {"strong": {"raw_pixels": {"map": 0.1}, "initial": {"map": 0.2},
+                                                   "finetuned": {"map": 0.9},
+                                                   "finetuned_whitened": {"map": 0.3 + 0.1 * row + 0.01 * seed}}}}
+
+
 def purity(positives: str, negatives: str, seed: int) -> dict:
     return {"written": {"positives": positives, "negatives": negatives},
             "manifold_positives": {"purity": 0.4}, "euclidean_positives": {"purity": 0.6 + 0.01 * seed},
@@ -43,15 +49,18 @@ def grid_project(tmp_path):
             artifacts.save_json(tmp_path / "metrics" / "grid" / f"{cell}.json", evaluation(finetuned_values(r, seed)))
             artifacts.save_json(tmp_path / "data" / "grid" / cell / "mine" / "purity.json",
                                 purity(*variants[row], seed))
+            artifacts.save_json(tmp_path / "metrics" / "grid_proxy" / f"{cell}.json", proxy(r, seed))
     stale = evaluation({"recall_at_1": 0.99, "nmi": 0.99})
     artifacts.save_json(tmp_path / "metrics" / "grid" / "pos-manifold_neg-random_seed-0.json", stale)  # old row
     artifacts.save_json(tmp_path / "metrics" / "grid" / f"{cell_name(ROWS[0], 9)}.json", stale)  # removed seed
+    artifacts.save_json(tmp_path / "metrics" / "grid_proxy" / f"{cell_name(ROWS[0], 9)}.json", proxy(50, 0))
     return tmp_path
 
 
 def run_report(folder, *extra):
     args = ["--params", str(folder / "params.yaml"), "--metrics-dir", str(folder / "metrics" / "grid"),
-            "--grid-dir", str(folder / "data" / "grid"), "--markdown", str(folder / "reports" / "table1.md"),
+            "--grid-dir", str(folder / "data" / "grid"), "--proxy-dir", str(folder / "metrics" / "grid_proxy"),
+            "--markdown", str(folder / "reports" / "table1.md"),
             "--png", str(folder / "reports" / "table1.png"), "--json", str(folder / "reports" / "table1.json"), *extra]
     return CliRunner().invoke(report_stage.main, args)
 
@@ -74,20 +83,22 @@ def test_report_table_from_listed_cells_ignores_stale_files(grid_project):
     assert result.exit_code == 0, result.output
     rows = table_rows((grid_project / "reports" / "table1.md").read_text())
     header, body = rows[0], rows[2:]
-    assert header == ["row", "seeds", "R@1", "NMI", "P+ purity", "P- purity"]
+    assert header == ["row", "seeds", "R@1", "NMI", "proxy mAP strong", "P+ purity", "P- purity"]
     assert [row[0] for row in body] == ["initial features", *ROWS], "initial row first, then the params' rows"
-    assert body[0][2:4] == ["40.00 ± 0.00", "30.00 ± 0.00"] and body[0][4:] == ["—", "—"]
+    assert body[0][2:5] == ["40.00 ± 0.00", "30.00 ± 0.00", "20.00 ± 0.00"] and body[0][5:] == ["—", "—"]
     for r, row in enumerate(ROWS):
         for column, key in ((2, "recall_at_1"), (3, "nmi")):
             values = [finetuned_values(r, seed)[key] for seed in SEEDS]  # the stale 0.99 cells must not count
             expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
             assert body[1 + r][column] == expected, (row, key)
         assert body[1 + r][1] == "3"
+        maps = [0.3 + 0.1 * r + 0.01 * seed for seed in SEEDS]  # whitened fine-tuned descriptors
+        assert body[1 + r][4] == format_value((statistics.mean(maps), statistics.stdev(maps)))
     euclidean = [0.6 + 0.01 * seed for seed in SEEDS]
     random = [0.8 - 0.02 * seed for seed in SEEDS]
-    assert body[1][4] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
-    assert body[1][5] == format_value((statistics.mean(random), statistics.stdev(random)))
-    assert body[2][4:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
+    assert body[1][5] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
+    assert body[1][6] == format_value((statistics.mean(random), statistics.stdev(random)))
+    assert body[2][5:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
 
     table = artifacts.load_json(grid_project / "reports" / "table1.json")
     assert list(table) == ["initial features", *ROWS]
@@ -102,6 +113,13 @@ def test_report_is_deterministic(grid_project):
     first = {name: (grid_project / "reports" / name).read_bytes() for name in ("table1.md", "table1.png", "table1.json")}
     assert run_report(grid_project).exit_code == 0
     assert first == {name: (grid_project / "reports" / name).read_bytes() for name in first}
+
+
+def test_proxy_column_only_when_every_listed_cell_has_it(grid_project):
+    (grid_project / "metrics" / "grid_proxy" / f"{cell_name(ROWS[1], 1)}.json").unlink()
+    assert run_report(grid_project).exit_code == 0
+    header = table_rows((grid_project / "reports" / "table1.md").read_text())[0]
+    assert header == ["row", "seeds", "R@1", "NMI", "P+ purity", "P- purity"]
 
 
 def test_a_listed_cell_without_metrics_is_a_one_line_error(grid_project):
