@@ -110,7 +110,8 @@ def test_report_table_from_listed_cells_ignores_stale_files(grid_project):
 
 def test_report_is_deterministic(grid_project):
     assert run_report(grid_project).exit_code == 0
-    first = {name: (grid_project / "reports" / name).read_bytes() for name in ("table1.md", "table1.png", "table1.json")}
+    names = ("table1.md", "table1.png", "table1.json")
+    first = {name: (grid_project / "reports" / name).read_bytes() for name in names}
     assert run_report(grid_project).exit_code == 0
     assert first == {name: (grid_project / "reports" / name).read_bytes() for name in first}
 
