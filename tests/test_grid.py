@@ -1,6 +1,8 @@
-"""The Table 1 grid of dvc.yaml: the cells DVC renders from params.yaml (rows x
-seeds), the options each cell's commands end up with, and that a new seed runs
-only the new cells (real ``dvc repro`` of one row on tiny data)."""
+"""The Table 1 grid, its own pipeline ablations/dvc.yaml: the cells DVC renders
+from the root params.yaml (rows x seeds), the options each cell's commands end up
+with, that a bare ``dvc repro`` at the root leaves the grid alone while the grid
+reuses the root stages' outputs, and that a new seed runs only the new cells
+(real ``dvc repro ablations/dvc.yaml`` of one row on tiny data)."""
 import shlex
 
 import pytest
@@ -10,7 +12,11 @@ from mom import artifacts
 from stages import evaluate, finetune, mine, proxy_retrieval, whiten
 from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, make_project
 
+GRID_FILE = "ablations/dvc.yaml"
 GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "grid_proxy")
+MAIN_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+# The root stages whose outputs the grid reads (built or skipped as root stages).
+UPSTREAM = ("prepare", "extract", "graph", "anchors", "diffuse")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 ROWS = PARAMS["grid"]["rows"]
 SEEDS = PARAMS["grid"]["seeds"]
@@ -26,12 +32,21 @@ def set_params(project, **sections):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def rendered_commands(project) -> dict[str, list[str]]:
-    """Stage name -> argv, as ``dvc repro --dry --force`` renders them (runs nothing)."""
+def stage_name(name: str) -> str:
+    """``ablations/dvc.yaml:grid_mine@row0-0`` -> ``grid_mine@row0-0`` (root stages have no prefix)."""
+    return name.removeprefix(f"{GRID_FILE}:")
+
+
+def ran_stages(output: str) -> list[str]:
+    return [stage_name(line.split("'")[1]) for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def rendered_commands(project, *targets: str) -> dict[str, list[str]]:
+    """Stage name -> argv, as ``dvc repro --dry --force [targets]`` renders them (runs nothing)."""
     commands, stage = {}, None
-    for line in dvc(project, "repro", "--dry", "--force").splitlines():
+    for line in dvc(project, "repro", "--dry", "--force", *targets).splitlines():
         if line.startswith("Running stage '"):
-            stage = line.split("'")[1]
+            stage = stage_name(line.split("'")[1])
         elif line.startswith("> ") and stage:
             commands[stage] = shlex.split(line[2:])
             stage = None
@@ -54,7 +69,9 @@ def test_params_grid_is_the_papers_table_1():
 
 def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
     project = make_project(tmp_path)
-    listed = dict(line.split(None, 1) for line in dvc(project, "stage", "list").splitlines() if line.strip())
+    listed = dict(line.split(None, 1) for line in dvc(project, "stage", "list", GRID_FILE).splitlines()
+                  if line.strip())
+    listed = {stage_name(name): description for name, description in listed.items()}
     for stage in GRID_STAGES:
         cells = sorted(name for name in listed if name.startswith(f"{stage}@"))
         assert cells == sorted(f"{stage}@row{r}-{seed}" for r in range(len(ROWS)) for seed in SEEDS)
@@ -64,9 +81,21 @@ def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
     assert "report" in listed and "pool_figure" in listed
 
 
+def test_bare_repro_runs_the_main_pipeline_only_and_the_grid_reuses_its_outputs(tmp_path):
+    project = make_project(tmp_path)
+    listed = [line.split()[0] for line in dvc(project, "stage", "list").splitlines() if line.strip()]
+    assert listed == list(MAIN_STAGES)
+    assert sorted(rendered_commands(project)) == sorted(MAIN_STAGES)
+    # the grid's upstream are the root stages themselves (no prefix), and only those it reads
+    grid_run = rendered_commands(project, GRID_FILE)
+    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *GRID_STAGES, "report", "pool_figure"}
+    # one file for every knob: the grid reads the root params.yaml (no ablations/params.yaml)
+    assert not (project / "ablations" / "params.yaml").exists()
+
+
 def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
     project = make_project(tmp_path)
-    commands = rendered_commands(project)
+    commands = rendered_commands(project, GRID_FILE)
     folders = set()
     for r, row in enumerate(ROWS):
         for seed in SEEDS:
@@ -109,8 +138,9 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     first = ROWS[0]["name"]
     set_params(project, grid={"rows": ROWS[:1], "seeds": [0]},
                pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
-    output = dvc(project, "repro", "report", "pool_figure")
-    assert "Running stage 'grid_evaluate@row0-0'" in output
+    ran = ran_stages(dvc(project, "repro", GRID_FILE))
+    assert sorted(ran) == sorted([*UPSTREAM, *(f"{stage}@row0-0" for stage in GRID_STAGES), "report",
+                                  "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
     assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
     assert "proxy mAP strong" in table and "P+ purity" in table
@@ -118,8 +148,13 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     cell = artifacts.load_json(project / "metrics" / "grid" / f"{first}_seed-0.json")
     assert 0 <= cell["test"]["finetuned"]["recall_at_1"] <= 1
 
+    # the cells' params are sections of the root params.yaml, and their metrics are the project's
+    lock = yaml.safe_load((project / "ablations" / "dvc.lock").read_text())["stages"]
+    assert set(lock["grid_mine@row0-0"]["params"]) == {"params.yaml"}
+    assert "mine" in lock["grid_mine@row0-0"]["params"]["params.yaml"]
+    assert f"metrics/grid/{first}_seed-0.json" in dvc(project, "metrics", "show")
+
     set_params(project, grid={"seeds": [0, 7]})
-    output = dvc(project, "repro", "report", "pool_figure")
-    ran = sorted(line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '"))
-    assert ran == sorted([*(f"{stage}@row0-7" for stage in GRID_STAGES), "report"]), ran
+    ran = ran_stages(dvc(project, "repro", GRID_FILE))
+    assert sorted(ran) == sorted([*(f"{stage}@row0-7" for stage in GRID_STAGES), "report"]), ran
     assert f"| {first} | 2 |" in (project / "reports" / "table1.md").read_text()

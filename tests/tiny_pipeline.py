@@ -30,13 +30,18 @@ TINY = {
     "proxy_retrieval": {"objects": 20, "views_in_database": 1, "threads": 1},
 }
 MINING_STAGES = ("prepare", "extract", "graph", "anchors", "diffuse", "mine")
+# The main pipeline (a bare ``dvc repro``) and the Table 1 grid (``dvc repro ablations/dvc.yaml``).
+PIPELINES = ("dvc.yaml", "ablations/dvc.yaml")
 
 
 def make_project(folder: Path) -> Path:
-    """Copy mom/, stages/, dvc.yaml and tiny params into ``folder`` (a git + DVC project)."""
+    """Copy mom/, stages/, the pipelines (dvc.yaml, ablations/dvc.yaml) and tiny
+    params into ``folder`` (a git + DVC project)."""
     for name in ("mom", "stages"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    for pipeline in PIPELINES:
+        (folder / pipeline).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / pipeline, folder / pipeline)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         if section in params:
@@ -64,7 +69,7 @@ def dvc(project: Path, *args: str, env: dict | None = None) -> str:
 
 
 # The default pipeline: these stages and everything upstream of them (the
-# Table 1 grid of matrix stages is not part of it).
+# Table 1 grid of matrix stages, ablations/dvc.yaml, is not part of it).
 DEFAULT_TARGETS = ("evaluate", "proxy_retrieval")
 
 
