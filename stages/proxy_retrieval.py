@@ -37,7 +37,7 @@ from mom.augment import LEVELS
 from mom.backbones import BACKBONES
 from mom.imagestore import MANIFEST_NAME, ImageStore
 from mom.pooling import POOLINGS
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -154,12 +154,12 @@ def _raw_side(benchmark) -> int | None:
     return None if len({image.shape for image in benchmark.queries}) == 1 else 32
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--objects", type=int, default=500, show_default=True, help="held-out items used as objects (0 = all)")
 @click.option("--views_in_database", type=int, default=4, show_default=True, help="database views per object")
 @click.option("--levels", multiple=True, default=("strong", "mild"), show_default=True,
               help=f"augmentation levels ({', '.join(LEVELS)}); repeat the option")
-@click.option("--seed", type=int, default=0, show_default=True, help="object choice and every augmentation")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="object choice and every augmentation")
 @click.option("--raw_pixels/--no-raw_pixels", default=True, show_default=True, help="also rank by raw pixels")
 @click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
 @click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
