@@ -195,6 +195,9 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
             f"{unknown[0] if len(unknown) else ''}); rerun mine after anchors")
     use_val = validate and str(val_dir) not in ("", ".")
     val_store = ImageStore.open(val_dir) if use_val else None
+    if val_store is not None and len(np.unique(val_store.labels)) < 2:
+        log.info("%s has fewer than two labeled classes: no validation Recall@1", val_dir)
+        val_store = None
     if val_store is not None:
         require((val_store.labels >= 0).all(), f"{val_dir}: validation needs labels on every item (or --no-validate)")
     log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",

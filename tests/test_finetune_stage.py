@@ -131,6 +131,15 @@ def test_pca_head_init(workspace, tmp_path):
     assert summary["head_init"] == "pca" and 0 < summary["head_pca_explained_variance"] <= 1
 
 
+def test_an_empty_validation_split_only_skips_validation(workspace, tmp_path):
+    write_image_store(tmp_path / "empty", iter([]), {"source": [], "split": [], "origin": []})
+    args = stage_args(workspace, tmp_path / "out", epochs=1)
+    args[args.index("--val") + 1] = str(tmp_path / "empty")
+    result = CliRunner().invoke(finetune.main, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "log.tsv").read_text().splitlines()[0].split("\t") == ["epoch", "lr", "loss", "active"]
+
+
 def test_missing_pools_is_a_clear_error(workspace, tmp_path):
     args = stage_args(workspace, tmp_path / "x")
     args[args.index("--pools") + 1] = str(tmp_path / "none.parquet")
