@@ -41,7 +41,7 @@ from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "query", "database")  # query/database: retrieval benchmarks
 RECALL_KS = (1, 2, 4, 8)
 MAX_SCALE = 4096
 

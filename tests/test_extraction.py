@@ -173,6 +173,19 @@ def test_stage_writes_aligned_features_and_metrics(tmp_path, net):
     assert before == {split: (out / f"{split}.npy").read_bytes() for split in ("train", "val", "test")}
 
 
+def test_stage_embeds_query_and_database_of_retrieval_benchmarks(tmp_path, net):
+    make_prepared(tmp_path / "prepared")
+    rng = np.random.default_rng(3)
+    make_store(tmp_path / "prepared" / "query", [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) for _ in range(3)])
+    make_store(tmp_path / "prepared" / "database", [rng.integers(0, 256, (24, 24, 1), dtype=np.uint8) for _ in range(5)])
+    out = tmp_path / "features"
+    assert run_stage("--prepared", tmp_path / "prepared", "--out-dir", out, "--scales", 32).exit_code == 0
+    for split, count in (("query", 3), ("database", 5)):
+        expected = extraction.embed_store(net, ImageStore.open(tmp_path / "prepared" / split), [32], progress=False)
+        assert np.load(out / f"{split}.npy").shape == (count, 1280)
+        assert np.allclose(np.load(out / f"{split}.npy"), expected, atol=1e-5)
+
+
 def test_stage_pca_whitening_is_learned_on_train(tmp_path):
     from mom.whitening import apply_whitening, learn_pca_whitening
 
