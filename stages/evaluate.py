@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
 from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
 from mom.imagestore import ImageStore  # noqa: E402
-from stages._cli import require, stage_command, timed  # noqa: E402
+from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
 
 log = logging.getLogger("mom")
 
@@ -123,7 +123,7 @@ def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str
     return scales, aggregation
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default="data/finetune/model.pt", show_default=True)
 @click.option("--whitening", "whitening_path", type=click.Path(path_type=Path), default="data/whiten/whitening.npz",
               show_default=True)
@@ -135,7 +135,7 @@ def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str
               show_default=True)
 @click.option("--plots-dir", type=click.Path(path_type=Path), default="plots", show_default=True)
 @click.option("--ks", type=int, multiple=True, default=(1, 2, 4, 8), show_default=True, help="Recall@K")
-@click.option("--kmeans_seed", type=int, default=0, show_default=True)
+@click.option("--kmeans_seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--kmeans_n_init", type=int, default=10, show_default=True)
 @click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
 @click.option("--scales", type=int, multiple=True, default=(),

@@ -32,7 +32,7 @@ from mom import artifacts, extraction, metrics, networks, training
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools, unit_mean_weights
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -51,7 +51,7 @@ class TrainableBlocks(click.ParamType):
         try:
             blocks = int(value)
         except ValueError:
-            self.fail(f"trainable_blocks: {value!r} is not a number of blocks or 'all'", param, ctx)
+            self.fail(f"trainable_blocks: {value!r} must be a number of blocks (>= 0) or 'all'", param, ctx)
         if blocks < 0:
             self.fail(f"trainable_blocks: must be >= 0 or 'all', got {blocks}", param, ctx)
         return blocks
@@ -115,7 +115,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
     return validate
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--train", "train_dir", type=click.Path(path_type=Path), default="data/prepared/train", show_default=True)
 @click.option("--val", "val_dir", type=click.Path(path_type=Path), default="data/prepared/val", show_default=True,
               help="Validation split (training classes): Recall@1 per epoch. Empty string: none.")
@@ -150,13 +150,14 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
               help="Multiply each tuple's loss by the positive's manifold similarity.")
 @click.option("--negatives_nearest", type=int, default=10, show_default=True)
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Recall@1 on --val after each epoch.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch_size_embed", type=int, default=256, show_default=True, help="Images per forward pass when embedding.")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @stage_command("finetune")
 def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
          head_dim, head_init, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
          loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads):
+    require(batch_size_embed >= 1, f"batch_size_embed: must be at least 1, got {batch_size_embed}")
     config = training.TrainingConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
         lr_gamma=lr_gamma, loss=loss, margin=margin, weighted=weighted, negatives_nearest=negatives_nearest,

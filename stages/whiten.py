@@ -17,7 +17,7 @@ import numpy as np
 
 from mom import artifacts, extraction, networks, whitening
 from mom.imagestore import ImageStore
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -48,7 +48,7 @@ def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str
     return scales, aggregation
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default="data/finetune/model.pt", show_default=True)
 @click.option("--train", "train_dir", type=click.Path(path_type=Path), default="data/prepared/train", show_default=True)
 @click.option("--manifold-knn", "knn_path", type=click.Path(path_type=Path),
