@@ -34,7 +34,9 @@ def project(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {name: pipeline["stages"][name] for name in MINING_STAGES}}, sort_keys=False))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({name: params[name] for name in MINING_STAGES}, sort_keys=False))
+    params = {name: params[name] for name in MINING_STAGES}
+    params["diffuse"]["k"] = params["mine"]["k_neg"] = 100  # the real defaults may exceed this small collection
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     dvc(tmp_path, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")
