@@ -18,16 +18,16 @@ import pyarrow as pa
 
 from mom import artifacts
 from mom.anchors import STRATEGIES, select_anchors
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="all", show_default=True,
               help="stationary (large collections), all (fine-grained), random (ablation)")
 @click.option("--count", type=int, default=1500, show_default=True, help="anchors kept (stationary, random)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random strategy")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random strategy")
 @click.option("--graph", "graph_path", type=click.Path(dir_okay=False), default="data/graph/adjacency.npz",
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/anchors", show_default=True)

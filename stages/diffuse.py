@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mom import artifacts
 from mom.diffusion import manifold_neighbours, neighbour_agreement, truncated_manifold_neighbours
 from mom.graph import check_features, neighbours_of
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -88,12 +88,12 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
                     "agreement_at_k": neighbour_agreement(result.ids[sample], full.ids)}
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--alpha", type=float, default=0.99, show_default=True, help="diffusion parameter in (0, 1)")
 @click.option("--max_iter", type=int, default=20, show_default=True, help="CG iterations (authors: 20)")
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="stop a column at this relative residual")
 @click.option("--block_size", type=int, default=64, show_default=True, help="anchors solved together")
-@click.option("--k", type=int, default=100, show_default=True,
+@click.option("--k", type=int, default=2000, show_default=True,
               help="manifold neighbours kept per anchor (>= mine k_neg)")
 @click.option("--reorder/--no-reorder", default=True, show_default=True,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")

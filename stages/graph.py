@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mom import artifacts
 from mom.graph import (SEARCH_METHODS, SearchSettings, check_features, check_k, graph_report, knn_search,
                        neighbours_per_item, reciprocal_graph, search_recall)
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -41,8 +41,8 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
     })
 
 
-@click.command()
-@click.option("--k", type=int, default=30, show_default=True, help="neighbourhood size NN_k (see --count_self)")
+@click.command(cls=StageCommand)
+@click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="neighbourhood size NN_k (see --count_self)")
 @click.option("--count_self/--no-count_self", default=True, show_default=True,
               help="the item counts among its own k neighbours (authors' convention: k - 1 other items)")
 @click.option("--gamma", type=float, default=3.0, show_default=True, help="similarity power: a_ij = [y_i.y_j]_+^gamma")
@@ -61,7 +61,7 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
               help="items whose approximate neighbours are checked against exact search (0 = skip)")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="faiss threads (0 = all cores); HNSW builds are bit-reproducible only with 1")
-@click.option("--seed", type=int, default=0, show_default=True, help="recall sample and IVF training sample")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="recall sample and IVF training sample")
 @click.option("--features", "features_path", type=click.Path(dir_okay=False), default="data/features/train.npy",
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/graph", show_default=True)

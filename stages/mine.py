@@ -30,7 +30,7 @@ from mom.graph import check_features, neighbours_of
 from mom.imagestore import ImageStore
 from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, euclidean_positives, manifold_negatives,
                        manifold_positives, pool_purity, pool_stats, random_negatives)
-from stages._cli import require, stage_command, timed
+from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -110,9 +110,9 @@ def read_labels(prepared) -> np.ndarray | None:
     return ImageStore.open(prepared).labels
 
 
-@click.command()
+@click.command(cls=StageCommand)
 @click.option("--k_pos", type=int, default=50, show_default=True, help="P+ = NN_k_pos^m minus NN_k_pos^e")
-@click.option("--k_neg", type=int, default=100, show_default=True,
+@click.option("--k_neg", type=int, default=2000, show_default=True,
               help="P- = NN_k_neg^e minus NN_k_neg^m (capped at n/2; retrieval at 1M: 10000)")
 @click.option("--positive_cap", type=int, default=50, show_default=True)
 @click.option("--negative_cap", type=int, default=50, show_default=True)
@@ -121,7 +121,7 @@ def read_labels(prepared) -> np.ndarray | None:
 @click.option("--negatives", type=click.Choice(NEGATIVE_VARIANTS), default="manifold", show_default=True,
               help="manifold (P-) or random (baseline: random items outside NN_baseline_k)")
 @click.option("--baseline_k", type=int, default=5, show_default=True, help="Euclidean NN size of the baselines")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random baseline negatives")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random baseline negatives")
 @click.option("--features", "features_path", type=click.Path(dir_okay=False), default="data/features/train.npy",
               show_default=True)
 @click.option("--anchors", "anchors_path", type=click.Path(dir_okay=False), default="data/anchors/anchors.parquet",

@@ -334,18 +334,3 @@ def test_weighted_training_needs_manifold_weights(workspace, tmp_path):
     assert result.exit_code == 2 and "--no-weighted" in result.output
     result = CliRunner().invoke(finetune.main, args + ["--no-weighted"])
     assert result.exit_code == 0, result.output
-
-
-@pytest.mark.parametrize("section", ["finetune", "whiten", "evaluate"])
-def test_click_defaults_equal_params_yaml(section):
-    import importlib
-
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())[section]
-    command = importlib.import_module(f"stages.{section}").main
-    defaults = {option.name: option.default for option in command.params}
-    for key, value in params.items():
-        default = defaults[key]
-        default = list(default) if isinstance(default, tuple) else default
-        assert str(default) == str(value), f"{section}.{key}: params.yaml {value!r}, click default {default!r}"

@@ -96,27 +96,27 @@ CASES = [
     case("extract.threads", "--threads", -1),
     case("extract.device", "--device", "tpu"),
 
-    case("graph.k", "--k", 0, todo=LOGS_FIRST),
-    case("graph.k", "--k", "thirty", todo=CLICK_USAGE),
-    flag("graph.count_self", todo=CLICK_USAGE),
+    case("graph.k", "--k", 0),
+    case("graph.k", "--k", "thirty"),
+    flag("graph.count_self"),
     case("graph.gamma", "--gamma", 0),
-    case("graph.search", "--search", "annoy", todo=CLICK_USAGE),
+    case("graph.search", "--search", "annoy"),
     case("graph.exact_max_items", "--exact_max_items", -1),
     case("graph.hnsw_m", "--hnsw_m", 0),
     case("graph.hnsw_ef_construction", "--hnsw_ef_construction", 0),
     case("graph.hnsw_ef_search", "--hnsw_ef_search", 0),
-    flag("graph.hnsw_self_entry", todo=CLICK_USAGE),
+    flag("graph.hnsw_self_entry"),
     case("graph.ivf_nlist", "--ivf_nlist", 0),
     case("graph.ivf_nprobe", "--ivf_nprobe", 0),
     case("graph.recall_sample", "--recall_sample", -1),
     case("graph.threads", "--threads", -1),
-    case("graph.seed", "--seed", "zero", todo=CLICK_USAGE),
-    case("graph.seed", "--seed", -1, todo=NEGATIVE_SEED),
+    case("graph.seed", "--seed", "zero"),
+    case("graph.seed", "--seed", -1),
 
-    case("anchors.strategy", "--strategy", "best", todo=CLICK_USAGE),
+    case("anchors.strategy", "--strategy", "best"),
     case("anchors.count", "--count", 0),
-    case("anchors.seed", "--seed", "zero", todo=CLICK_USAGE),
-    case("anchors.seed", "--strategy", "random", "--count", 10, "--seed", -1, todo=NEGATIVE_SEED),
+    case("anchors.seed", "--seed", "zero"),
+    case("anchors.seed", "--strategy", "random", "--count", 10, "--seed", -1),
 
     case("diffuse.alpha", "--alpha", 1.0),
     case("diffuse.alpha", "--alpha", 0),
@@ -124,8 +124,8 @@ CASES = [
     case("diffuse.tol", "--tol", -1e-3),
     case("diffuse.block_size", "--block_size", 0),
     case("diffuse.k", "--k", 0),
-    flag("diffuse.reorder", todo=CLICK_USAGE),
-    case("diffuse.dtype", "--dtype", "float16", todo=CLICK_USAGE),
+    flag("diffuse.reorder"),
+    case("diffuse.dtype", "--dtype", "float16"),
     case("diffuse.threads", "--threads", -1),
     case("diffuse.truncate", "--truncate", -1),
     case("diffuse.agreement_sample", "--agreement_sample", -1),
@@ -134,11 +134,11 @@ CASES = [
     case("mine.k_neg", "--k_neg", 0),
     case("mine.positive_cap", "--positive_cap", 0),
     case("mine.negative_cap", "--negative_cap", 0),
-    case("mine.positives", "--positives", "oracle", todo=CLICK_USAGE),
-    case("mine.negatives", "--negatives", "hardest", todo=CLICK_USAGE),
+    case("mine.positives", "--positives", "oracle"),
+    case("mine.negatives", "--negatives", "hardest"),
     case("mine.baseline_k", "--baseline_k", 0),
-    case("mine.seed", "--seed", "zero", todo=CLICK_USAGE),
-    case("mine.seed", "--negatives", "random", "--seed", -1, todo=NEGATIVE_SEED),
+    case("mine.seed", "--seed", "zero"),
+    case("mine.seed", "--negatives", "random", "--seed", -1),
 
     case("finetune.head_dim", "--head_dim", -1),
     case("finetune.head_init", "--head_init", "zeros"),
@@ -238,10 +238,10 @@ def inputs(tmp_path_factory):
         (graph, ["--features", root / "features.npy", "--out-dir", root / "graph"]),
         (anchors, ["--graph", root / "graph/adjacency.npz", "--out-dir", root / "anchors"]),
         (diffuse, ["--graph", root / "graph/adjacency.npz", "--anchors", root / "anchors/anchors.parquet",
-                   "--features", root / "features.npy", "--out-dir", root / "diffuse", "--threads", 1]),
+                   "--features", root / "features.npy", "--out-dir", root / "diffuse", "--threads", 1, "--k", 100]),
         (mine, ["--features", root / "features.npy", "--anchors", root / "anchors/anchors.parquet",
                 "--manifold", root / "diffuse/manifold_knn.parquet", "--prepared", root / "prepared/train",
-                "--out-dir", root / "mine"]),
+                "--out-dir", root / "mine", "--k_neg", 100]),
     ):
         result = invoke(command, args)
         assert result.exit_code == 0, result.stderr
@@ -259,10 +259,10 @@ def inputs_args(stage: str, root: Path, out: Path) -> list:
         "graph": ["--features", root / "features.npy", "--out-dir", out / "graph"],
         "anchors": ["--graph", root / "graph/adjacency.npz", "--out-dir", out / "anchors"],
         "diffuse": ["--graph", root / "graph/adjacency.npz", "--anchors", root / "anchors/anchors.parquet",
-                    "--features", root / "features.npy", "--out-dir", out / "diffuse"],
+                    "--features", root / "features.npy", "--out-dir", out / "diffuse", "--k", 100],
         "mine": ["--features", root / "features.npy", "--anchors", root / "anchors/anchors.parquet",
                  "--manifold", root / "diffuse/manifold_knn.parquet", "--prepared", root / "prepared/train",
-                 "--out-dir", out / "mine"],
+                 "--out-dir", out / "mine", "--k_neg", 100],
         "finetune": ["--train", root / "prepared/train", "--val", root / "prepared/val",
                      "--pools", root / "mine/pools.parquet", "--anchors", root / "anchors/anchors.parquet",
                      "--out-dir", out / "finetune", "--checkpoint-dir", out / "checkpoints"],
@@ -309,3 +309,26 @@ def test_invalid_value_is_one_line_naming_the_param(entry, inputs, tmp_path):
     assert ALLOWED_HINT.search(line), f"no allowed values in: {line}"
     written = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
     assert written == [], written
+
+
+STAGE_SECTIONS = ["prepare", "extract", "graph", "anchors", "diffuse", "mine", "finetune", "whiten", "evaluate",
+                  "proxy_retrieval", "pool_figure"]
+
+
+@pytest.mark.parametrize("section", STAGE_SECTIONS)
+def test_click_defaults_equal_params_yaml(section):
+    """A stage run by hand (`python -m stages.<name>`) behaves like `dvc repro` with the committed params."""
+    import importlib
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())[section]
+    command = importlib.import_module(f"stages.{section}").main
+    defaults = {opt.lstrip("-"): option.default for option in command.params for opt in option.opts}
+    for key, value in params.items():
+        default = defaults[key]
+        default = list(default) if isinstance(default, tuple) else default
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(default) == float(value), f"{section}.{key}: params.yaml {value!r}, click default {default!r}"
+        else:
+            assert str(default) == str(value), f"{section}.{key}: params.yaml {value!r}, click default {default!r}"
