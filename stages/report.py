@@ -51,7 +51,7 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
     for row, seed in ((row, seed) for row in names for seed in seeds):
         cell = cell_name(row, seed)
         path = metrics_dir / f"{cell}.json"
-        require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (dvc repro grid_evaluate)")
+        require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (run the grid: dvc repro ablations/dvc.yaml; stage grid_evaluate)")
         evaluations[cell] = artifacts.load_json(path)
         purity = grid_dir / cell / "mine" / "purity.json"
         if purity.is_file():
