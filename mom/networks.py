@@ -23,6 +23,7 @@ from torch import nn
 
 from mom import artifacts, backbones
 from mom.errors import InputError
+from mom.extraction import AGGREGATIONS
 from mom.pooling import POOLINGS, l2n, make_pooling
 
 CHECKPOINT_FORMAT = 1
@@ -162,3 +163,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except RuntimeError as error:
         raise InputError(f"{path}: weights do not fit the network its meta describes ({error})") from None
     return net.to(map_location).eval(), payload.get("extra", {})
+
+
+def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:
+    """Scales and multi-scale aggregation to embed with a fine-tuned network: the
+    given ones, else those the checkpoint's ``extra["embedding"]`` recorded."""
+    recorded = extra.get("embedding", {})
+    scales = list(scales) or list(recorded.get("scales", [64]))
+    aggregation = aggregation or recorded.get("aggregation", "sum")
+    if min(scales) < 8:
+        raise InputError(f"scales: need one or more sizes >= 8 pixels, got {scales}")
+    if aggregation not in AGGREGATIONS:
+        raise InputError(f"aggregation: must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    return scales, aggregation

@@ -112,15 +112,6 @@ def load_initial(path: Path, n: int) -> np.ndarray:
     return features
 
 
-def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:
-    """The given scales/aggregation, else those the finetune stage recorded."""
-    recorded = extra.get("embedding", {})
-    scales = list(scales) or list(recorded.get("scales", [64]))
-    aggregation = aggregation or recorded.get("aggregation", "sum")
-    require(min(scales) >= 8, f"scales: need one or more sizes >= 8 pixels, got {scales}")
-    require(aggregation in extraction.AGGREGATIONS,
-            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
-    return scales, aggregation
 
 
 @click.command(cls=StageCommand)
@@ -151,7 +142,7 @@ def main(model_path, whitening_path, prepared, features_dir, log_path, metrics_p
             f"precision_ks: need positive integers, got {list(options['precision_ks'])}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
     net, extra = networks.load_checkpoint(model_path)
-    options["scales"], options["aggregation"] = embedding_settings(extra, options["scales"], options["aggregation"])
+    options["scales"], options["aggregation"] = networks.embedding_settings(extra, options["scales"], options["aggregation"])
     mean, projection, method = whitening.load_whitening(whitening_path)
     require(projection.shape[1] == net.dim,
             f"{whitening_path}: learned for {projection.shape[1]}-d descriptors, the model gives {net.dim}-d")

@@ -37,15 +37,6 @@ def matching_pairs(path: Path, max_rank: int, n_train: int) -> np.ndarray:
     return pairs
 
 
-def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:
-    """The given scales/aggregation, else those the finetune stage recorded."""
-    recorded = extra.get("embedding", {})
-    scales = list(scales) or list(recorded.get("scales", [64]))
-    aggregation = aggregation or recorded.get("aggregation", "sum")
-    require(min(scales) >= 8, f"scales: need one or more sizes >= 8 pixels, got {scales}")
-    require(aggregation in extraction.AGGREGATIONS,
-            f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
-    return scales, aggregation
 
 
 @click.command(cls=StageCommand)
@@ -71,7 +62,7 @@ def main(model_path, train_dir, knn_path, out_dir, method, dim, eps, lw_neighbou
     require(lw_neighbours >= 1, f"lw_neighbours: must be >= 1, got {lw_neighbours}")
     require(batch_size >= 1, f"batch_size: must be >= 1, got {batch_size}")
     net, extra = networks.load_checkpoint(model_path)
-    scales, aggregation = embedding_settings(extra, scales, aggregation)
+    scales, aggregation = networks.embedding_settings(extra, scales, aggregation)
     d = net.dim
     require(dim <= d, f"dim: the model's descriptors have {d} dimensions, got dim {dim}")
     report = {"method": method, "input_dim": d, "scales": scales, "aggregation": aggregation}
