@@ -78,7 +78,7 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
     features = artifacts.load_npy(features_path, mmap=True)
     require(features.shape[0] == adjacency.shape[0],
             f"{features_path}: {features.shape[0]} items, the graph has {adjacency.shape[0]} nodes")
-    check_features(np.asarray(features[anchors]), name=f"{features_path} (anchor rows)")
+    check_features(features, name=str(features_path))  # every row: the Euclidean search reads them all
     neighbourhoods, _ = neighbours_of(features, anchors, truncate)
     result = truncated_manifold_neighbours(adjacency, anchors, neighbourhoods, k, alpha, max_iter, tol, dtype,
                                            progress=bar.update)

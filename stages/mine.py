@@ -147,12 +147,14 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
     manifold_ids, manifold_values = read_manifold(manifold_path, anchors)
     depth = max(k_pos, k_neg_used)
     require(manifold_ids.shape[1] >= depth,
-            f"{manifold_path}: {manifold_ids.shape[1]} manifold neighbours per anchor, mine needs {depth} "
-            f"(raise diffuse.k to at least max(k_pos, k_neg))")
+            f"{manifold_path}: at most {manifold_ids.shape[1]} manifold neighbours per anchor, mine needs {depth} "
+            f"= max(k_pos, k_neg): raise diffuse.k to at least that, or, if it is already, every anchor's graph "
+            f"component has at most {manifold_ids.shape[1] + 1} items (diffuse lists only s_m > 0): lower mine.k_pos "
+            f"and mine.k_neg or raise graph.k")
     labels = read_labels(prepared)
     require(labels is None or len(labels) == n, f"{prepared}: {len(labels) if labels is not None else 0} items, "
             f"features have {n}")
-    check_features(np.asarray(features[anchors]), name=f"{features_path} (anchor rows)")
+    check_features(features, name=str(features_path))  # every row: the Euclidean search reads them all
     with timed(f"searched {depth} Euclidean neighbours of {len(anchors)} anchors"):
         euclidean_ids, _ = neighbours_of(features, anchors, max(depth, baseline_k))
     with timed("built pools"):
