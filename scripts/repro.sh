@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -d .git ] || git init -q
-exec .venv/bin/dvc repro "$@"
+# Stage commands call `python`: it must be the virtual environment's.
+export PATH="$PWD/.venv/bin:$PATH"
+exec dvc repro "$@"
