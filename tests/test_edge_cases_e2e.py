@@ -324,3 +324,38 @@ def test_non_finite_features_outside_the_anchors_never_reach_the_pools(tmp_path)
     artifacts.save_npy(tmp_path / "features.npy", features)
     assert f"rows {victim};" in one_line_error(run(mine_stage, steps[3][1]), "mine")
     assert not (tmp_path / "out/mine").exists()
+
+
+# ------------------------------------------------------------ one epoch of fine-tuning
+
+
+@pytest.mark.parametrize("loss", ["triplet", "contrastive"])
+def test_one_epoch_on_pools_with_constant_images_stays_finite(mined, tmp_path, loss):
+    """The constant_block collection's pools, over images whose last 8 are
+    all-zero pixels (identical embeddings: zero distances in the loss)."""
+    import torch
+
+    from stages import finetune as finetune_stage
+
+    out = mined["constant_block"]
+    n = 28
+    rng = np.random.default_rng(10)
+    images = [rng.integers(0, 256, size=(28, 28), dtype=np.uint8) if item < 20 else np.zeros((28, 28), np.uint8)
+              for item in range(n)]
+    write_image_store(tmp_path / "train", images, {"source": ["edge"] * n, "split": ["train"] * n,
+                                                   "origin": [str(i) for i in range(n)]})
+    blank_anchors = {a for a, m in zip(*pq.read_table(out / "mine/pools.parquet", columns=["anchor", "member"])
+                                       .to_pydict().values()) if a >= 20 or m >= 20}
+    assert blank_anchors, "the pools do not involve the constant images"
+    result = run(finetune_stage, [
+        "--train", tmp_path / "train", "--val", tmp_path / "no-val", "--no-validate",
+        "--pools", out / "mine/pools.parquet", "--anchors", out / "anchors/anchors.parquet",
+        "--out-dir", tmp_path / "finetune", "--checkpoint-dir", tmp_path / "ckpt", "--loss", loss,
+        "--image_size", 32, "--scales", 32, "--trainable_blocks", 1, "--head_init", "random", "--epochs", 1,
+        "--batch_size", 4, "--lr", 0.05, "--threads", 1])
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "finetune/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+    assert non_finite_values(tmp_path / "finetune/summary.json") == []
+    rows = (tmp_path / "finetune/log.tsv").read_text().splitlines()
+    assert len(rows) == 2 and not {"nan", "inf", "-inf"} & {cell.lower() for cell in rows[1].split("\t")}, rows
