@@ -34,6 +34,10 @@ API
     ranks' shards at once, and no file system shared between nodes.
 ``barrier(ctx)``, ``broadcast_object(ctx, obj, src=0)``
     The collectives with the same names, no-ops for one process.
+``all_gather_object(ctx, obj) -> list``
+    Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process).
+``all_sum(ctx, values) -> list[float]``
+    Element-wise sum of every rank's ``values`` (float64), on every rank.
 """
 from __future__ import annotations
 
@@ -148,6 +152,24 @@ def broadcast_object(ctx: Context, obj=None, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, device=torch.device(ctx.device) if ctx.backend == "nccl" else None)
     return holder[0]
+
+
+def all_gather_object(ctx: Context, obj) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    everyone = [None] * ctx.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def all_sum(ctx: Context, values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks of ``values`` (same length on every rank)."""
+    if not ctx.distributed:
+        return [float(value) for value in values]
+    total = torch.tensor([float(value) for value in values], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.cpu().tolist()
 
 
 def gather_rows(ctx: Context, local: np.ndarray, rows: Sequence[int], n: int,

@@ -17,9 +17,19 @@ poor statistics, and the cached prefix then stays exactly the network's.
 Determinism: the tuple draw and batch order of epoch ``e`` come from a
 generator seeded with ``(seed, e)``, so an interrupted run resumed from the
 checkpoint of epoch ``e - 1`` repeats exactly what the uninterrupted run did.
+
+Several processes (``torchrun``, :mod:`mom.distributed`): the module trains
+inside ``DistributedDataParallel``. Each epoch every rank embeds its shard of
+the pool, rank 0 gathers the embeddings, selects the tuples and broadcasts them
+with the generator's state, so every rank holds the same tuples and the same
+batch order; each rank then computes its share of every batch and DDP averages
+the gradients, scaled so that one step is the mean over the whole batch (the
+same number of steps as one process). Rank 0 alone writes checkpoints; every
+rank resumes from the same one.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mom import artifacts
+from mom import artifacts, distributed
 from mom.losses import active_fraction, reduce_losses, tuple_losses
 from mom.tuples import Pools, Tuples, select_tuples
 
@@ -114,6 +124,38 @@ def embed_pool(module: torch.nn.Module, inputs: Inputs, n_items: int, items: np.
     return out
 
 
+def tuples_digest(chosen: Tuples) -> str:
+    """sha256 of the tuples (ids and weights, in order): ranks compare it."""
+    digest = hashlib.sha256()
+    for column in (chosen.anchor, chosen.positive, chosen.negative, chosen.weight):
+        digest.update(np.ascontiguousarray(column).tobytes())
+    return digest.hexdigest()
+
+
+def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, pools: Pools,
+                      config: TrainingConfig, rng: np.random.Generator,
+                      ctx: distributed.Context) -> Tuples:
+    """The epoch's tuples from the current embedding (method.md section 6), the
+    same on every rank: each embeds its shard, rank 0 selects, then broadcasts
+    the tuples and the state of ``rng`` (which selecting advanced)."""
+    if not ctx.distributed:
+        embeddings = embed_pool(module, inputs, n_items, items, config.embed_batch_size)
+        return select_tuples(pools, embeddings, rng, config.negatives_nearest)
+    shard = np.asarray(distributed.shard_range(len(items), ctx.rank, ctx.world_size), dtype=np.int64)
+    module.eval()
+    local = run_in_batches(module, inputs, shard, config.embed_batch_size).numpy()
+    if local.ndim != 2:  # an empty shard
+        local = np.zeros((0, 1), dtype=np.float32)
+    embeddings = distributed.gather_rows(ctx, local.astype(np.float32, copy=False), items[shard], n_items)
+    payload = None
+    if ctx.is_main:
+        chosen = select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        payload = (chosen, rng.bit_generator.state)
+    chosen, state = distributed.broadcast_object(ctx, payload)
+    rng.bit_generator.state = state
+    return chosen
+
+
 def make_optimizer(module: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
     parameters = [p for p in module.parameters() if p.requires_grad]
     if not parameters:
@@ -133,26 +175,49 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     config: TrainingConfig,
     rng: np.random.Generator,
+    ctx: distributed.Context | None = None,
 ) -> dict:
     """One pass of SGD over the epoch's tuples in a random order.
 
     Returns the mean per-tuple loss and the fraction of tuples with a non-zero
-    loss (both measured on the fly, before each step)."""
+    loss (both measured on the fly, before each step). Under several ranks
+    ``module`` is the DDP-wrapped module and each rank computes its share of
+    every batch."""
+    ctx = ctx or distributed.Context()
     module.eval()  # frozen batch-norm statistics; parameters still train
     order = rng.permutation(len(chosen))
     total_loss, total_active = 0.0, 0.0
     for start in range(0, len(order), config.batch_size):
-        batch = chosen.subset(order[start:start + config.batch_size])
+        whole = order[start:start + config.batch_size]
+        mine = whole[np.asarray(distributed.shard_range(len(whole), ctx.rank, ctx.world_size), dtype=np.int64)]
+        idle = len(mine) == 0  # fewer tuples than ranks: still join DDP's gradient average, with zero
+        batch = chosen.subset(whole[:1] if idle else mine)
         rows = np.searchsorted(items, np.concatenate([batch.anchor, batch.positive, batch.negative]))
         anchor, positive, negative = module(inputs[rows]).chunk(3)
         weights = torch.from_numpy(batch.weight) if config.weighted else None
         losses = tuple_losses(config.loss, anchor, positive, negative, config.margin, weights)
         optimizer.zero_grad(set_to_none=True)
-        reduce_losses(losses, "mean").backward()
+        if ctx.distributed:  # DDP divides the summed gradients by world_size: the step is the whole batch's mean
+            objective = losses.sum() * (0.0 if idle else ctx.world_size / len(whole))
+        else:
+            objective = reduce_losses(losses, "mean")
+        objective.backward()
         optimizer.step()
-        total_loss += float(losses.detach().sum())
-        total_active += active_fraction(losses.detach()) * len(losses)
+        if not idle:
+            total_loss += float(losses.detach().sum())
+            total_active += active_fraction(losses.detach()) * len(losses)
+    total_loss, total_active = distributed.all_sum(ctx, [total_loss, total_active])
     return {"loss": total_loss / len(chosen), "active": total_active / len(chosen)}
+
+
+def wrap_for_ranks(module: torch.nn.Module, ctx: distributed.Context) -> torch.nn.Module:
+    """``module`` itself for one process, else DDP over it (rank 0's parameters
+    broadcast to every rank on construction)."""
+    if not ctx.distributed:
+        return module
+    device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
+    # batch-norm statistics are frozen and equal everywhere: no buffer broadcast per step
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 # ------------------------------------------------------------ network split
@@ -318,6 +383,7 @@ def fit(
     fingerprint: str = "",
     checkpoint_extra: dict | None = None,
     validate: Callable[[torch.nn.Module], dict] | None = None,
+    ctx: distributed.Context | None = None,
 ) -> list[dict]:
     """Fine-tune ``module`` for ``config.epochs`` epochs (method.md section 6).
 
@@ -328,7 +394,12 @@ def fit(
     learning-rate step, optional ``validate(module) -> dict`` (added to the
     epoch's log row), checkpoint. Resumes from ``checkpoint_path`` when it holds
     a state with the same ``fingerprint``. Returns the log: one dict per epoch.
+
+    ``ctx`` (several ranks, see the module docstring): every rank calls ``fit``
+    with the same arguments; rank 0 alone validates and writes checkpoints, and
+    only its returned log holds the validation columns.
     """
+    ctx = ctx or distributed.Context()
     config.check()
     items = np.asarray(items, dtype=np.int64)
     if not np.all(np.diff(items) > 0) or len(items) != len(inputs):
@@ -348,27 +419,38 @@ def fit(
         torch.set_rng_state(state["torch_rng"])
         history, first_epoch = list(state["history"]), int(state["epoch"])
         log.info("resuming after epoch %d of %d from %s", first_epoch, config.epochs, checkpoint_path)
+    trainer = wrap_for_ranks(module, ctx)
     for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
         rng = epoch_generator(config.seed, epoch)
         torch.manual_seed(int(rng.integers(2**62)))
-        embeddings = embed_pool(module, inputs, n_items, items, config.embed_batch_size)
-        chosen = select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        chosen = mine_epoch_tuples(module, inputs, items, n_items, pools, config, rng, ctx)
+        if ctx.distributed:
+            check_ranks_agree(ctx, epoch, chosen)
         mined = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(module, inputs, items, chosen, optimizer, config, rng))
+        row.update(train_one_epoch(trainer, inputs, items, chosen, optimizer, config, rng, ctx))
         scheduler.step()
         trained = time.perf_counter()
-        if validate is not None:
+        if validate is not None and ctx.is_main:
             row.update(validate(module))
         history.append(row)
         log.info("epoch %d/%d: %s (re-embed+mine %.1f s, SGD %.1f s, validation %.1f s)", epoch + 1, config.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
                  mined - start, trained - mined, time.perf_counter() - trained)
-        if checkpoint_path:
+        if checkpoint_path and ctx.is_main:
             save_training_state(checkpoint_path, _capture_state(
                 module, optimizer, scheduler, epoch + 1, history, fingerprint, checkpoint_extra or {}))
+        distributed.barrier(ctx)  # no rank starts the next epoch (or a resume) before the checkpoint is whole
     return history
+
+
+def check_ranks_agree(ctx: distributed.Context, epoch: int, chosen: Tuples) -> None:
+    """Raise unless every rank holds the same tuples; log their digest."""
+    digests = distributed.all_gather_object(ctx, tuples_digest(chosen))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"epoch {epoch + 1}: ranks hold different tuples (sha256 {digests})")
+    log.info("epoch %d: %d tuples, sha256 %s on all %d ranks", epoch + 1, len(chosen), digests[0], ctx.world_size)
 
 
 def config_dict(config: TrainingConfig) -> dict:

@@ -15,6 +15,11 @@ deletes declared outputs before running a stage unless they are
 params or inputs changed). The fingerprint hashes the options and the input
 files, so a checkpoint is only resumed by the very run that wrote it; it is
 deleted once ``model.pt`` is written.
+
+Runs unchanged under ``torchrun --nproc_per_node N`` (gloo, CPU): every rank
+caches the frozen prefix, the trainable suffix trains under
+DistributedDataParallel with the tuples re-mined identically on every rank
+(:func:`mom.training.fit`); rank 0 alone writes the checkpoint and the outputs.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mom import artifacts, extraction, metrics, networks, training
+from mom import artifacts, distributed, extraction, metrics, networks, training
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools, unit_mean_weights
@@ -212,6 +217,19 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     fingerprint = run_fingerprint(options, inputs_to_hash)
     checkpoint_path = checkpoint_dir / f"{fingerprint[:20]}.pt"
 
+    with distributed.session("cpu") as ctx:
+        if not ctx.is_main:
+            log.setLevel(logging.WARNING)
+        train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
+              batch_size_embed, head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation,
+              out_dir, weight_scale)
+
+
+def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size, batch_size_embed,
+          head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation, out_dir, weight_scale):
+    """Build, fine-tune and (rank 0) write the network; every rank runs it."""
+    if ctx.distributed:
+        log.info("%d processes (%s)", ctx.world_size, ctx.backend)
     net = networks.build_network(meta, weights=weights or None, seed=seed)
     try:
         prefix, suffix = training.split_for_finetuning(net, trainable_blocks)
@@ -233,14 +251,17 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         log.info("the %d components keep %.1f%% of the descriptors' variance", head_dim, 100 * explained)
     validation = None
     initial_val = None
-    if val_store is not None:
+    if val_store is not None and ctx.is_main:  # only rank 0 validates
         validation = make_validation(val_inputs, val_store.labels, batch_size_embed)
         initial_val = validation(suffix)["val_recall_at_1"]
         log.info("validation Recall@1 before training: %.4f", initial_val)
     with timed(f"{config.epochs} epochs"):
         history = training.fit(suffix, train_inputs, items, len(train_store), pools, config,
                                checkpoint_path=checkpoint_path, fingerprint=fingerprint,
-                               checkpoint_extra={"meta": meta}, validate=validation)
+                               checkpoint_extra={"meta": meta}, validate=validation, ctx=ctx)
+    if not ctx.is_main:
+        distributed.barrier(ctx)  # rank 0 writes the outputs
+        return
 
     embedding = {"scales": [int(scale) for scale in scales], "aggregation": aggregation}
     networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding})
@@ -257,8 +278,10 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         "val_recall_at_1_initial": initial_val,
         "val_recall_at_1_final": history[-1].get("val_recall_at_1") if history else None,
         "final_loss": history[-1]["loss"] if history else None,
+        **({"processes": ctx.world_size} if ctx.distributed else {}),
     })
     checkpoint_path.unlink(missing_ok=True)
+    distributed.barrier(ctx)
 
 
 def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size):

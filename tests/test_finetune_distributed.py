@@ -1,0 +1,65 @@
+"""finetune under torchrun (2 gloo processes) on the tiny collection of
+test_finetune_stage: one set of outputs, the same tuples on both ranks, and the
+same training as one process (DDP's averaged gradient is the whole batch's mean)."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mom import artifacts, networks
+from test_finetune_stage import ROOT, stage_args, workspace  # noqa: F401  (workspace: the fixture)
+
+# 36 tuples in batches of 7: the last batch holds one tuple, so rank 1 sits it out with a zero loss
+ARGS = dict(epochs=2, batch_size=7, loss="contrastive")  # the triplet loss is already 0 on this easy data
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run_finetune(launcher, args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "-m", "stages.finetune", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stderr
+
+
+def read_log(path):
+    header, *rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return [dict(zip(header, map(float, row))) for row in rows]
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_trains_like_one_process(workspace, tmp_path):  # noqa: F811
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_finetune([sys.executable], stage_args(workspace, one, **ARGS))
+    output = run_finetune(TORCHRUN, stage_args(workspace, two, **ARGS))
+
+    assert sorted(path.name for path in two.iterdir()) == ["log.tsv", "model.pt", "summary.json"]
+    assert not list((tmp_path / "two-ckpt").glob("*.pt")), "rank 0 removes the checkpoint once model.pt is written"
+    assert artifacts.load_json(two / "summary.json")["processes"] == 2
+    assert "processes" not in artifacts.load_json(one / "summary.json")
+
+    agreed = re.findall(r"epoch (\d+): 36 tuples, sha256 ([0-9a-f]{64}) on all 2 ranks", output)
+    assert [epoch for epoch, _ in agreed] == ["1", "2"], output[-3000:]
+
+    rows_one, rows_two = read_log(one / "log.tsv"), read_log(two / "log.tsv")
+    assert [row["epoch"] for row in rows_two] == [1, 2]
+    for a, b in zip(rows_one, rows_two):
+        assert math.isfinite(b["loss"]) and b["loss"] > 0
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["val_recall_at_1"] == pytest.approx(a["val_recall_at_1"], abs=1 / 15 + 1e-9)
+
+    net_one, _ = networks.load_checkpoint(one / "model.pt")
+    net_two, _ = networks.load_checkpoint(two / "model.pt")
+    fresh = networks.build_network(net_two.meta, seed=0)
+    head = {name: dict(net.named_parameters())["head.weight"] for name, net in
+            (("one", net_one), ("two", net_two), ("fresh", fresh))}
+    assert not torch.equal(head["two"], head["fresh"]), "the torchrun run trained"
+    # same steps as one process up to float rounding: a world_size-times larger step would be far off
+    moved = (head["one"] - head["fresh"]).abs().max()
+    assert (head["two"] - head["one"]).abs().max() < 1e-2 * moved
+    assert torch.equal(dict(net_two.named_parameters())["trunk.stem.0.weight"],
+                       dict(fresh.named_parameters())["trunk.stem.0.weight"]), "the frozen prefix did not move"
