@@ -147,9 +147,9 @@ def test_torchrun_extract_is_byte_identical_to_one_process(tmp_path):
     run_extract([sys.executable], prepared, tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_extract(torchrun, prepared, tmp_path / "two")
-    files = ["metrics.json", "test.npy", "train.npy", "val.npy"]
+    files = ["database.npy", "metrics.json", "query.npy", "test.npy", "train.npy", "val.npy"]
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == files  # no per-rank leftovers
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "query", "database"):
         assert (tmp_path / "one" / f"{split}.npy").read_bytes() == (tmp_path / "two" / f"{split}.npy").read_bytes()
     one, two = (artifacts.load_json(tmp_path / name / "metrics.json") for name in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
