@@ -17,13 +17,22 @@ they record); only ``.tmp-*`` files may be extra. Every output file must be
 published by such a rename (none written in place). The rerun starts from the
 last kill's state, as a user's ``dvc repro`` would, and must leave no
 ``.tmp-`` file behind (they would sit inside DVC directory outputs).
-finetune's kill-and-resume is tested in tests/test_finetune_stage.py.
+The later stages (finetune, whiten, evaluate, proxy_retrieval) build a
+network and write only at their end: a few seconds of imports and extraction
+each, so fewer kills (``KILLS``): finetune at a random moment and at its last
+commit, the others at their last commit (every other output published, the
+last complete in its temporary file). Killed at its last commit, finetune has
+saved its epoch checkpoint (``checkpoints/finetune``, outside the outputs): the
+rerun must resume from it (not retrain) and still give the uninterrupted
+run's bytes. Multi-epoch kill-and-resume is tested in
+tests/test_finetune_stage.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -37,7 +46,12 @@ import pytest
 import tiny_pipeline
 from mom import artifacts
 
-RANDOM_KILLS = 1  # plus two kills at chosen commits: three points per stage
+LATER_STAGES = ("finetune", "whiten", "evaluate", "proxy_retrieval")
+# Per stage: random kills, and which commits to kill at ("first", "last").
+KILLS = {**{stage: (1, ("first", "last")) for stage in tiny_pipeline.MINING_STAGES},
+         "finetune": (1, ("last",)), **{stage: (0, ("last",)) for stage in LATER_STAGES[1:]}}
+STAGES = (*tiny_pipeline.MINING_STAGES, *LATER_STAGES)
+CHECKPOINTS = "checkpoints"  # finetune's resume state, outside the outputs (dvc.yaml)
 SITECUSTOMIZE = textwrap.dedent('''
     """Test harness: log every publish of an atomic write; pause at the n-th."""
     import os
@@ -96,8 +110,9 @@ def test_a_successful_write_removes_temporaries_of_killed_writes(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The project after an uninterrupted run of the mining stages: commands,
-    outputs (bytes), run time and atomic commits per stage."""
+    """The project after an uninterrupted run of the default pipeline (every
+    stage of dvc.yaml, in run order): commands, outputs (bytes), run time and
+    atomic commits per stage."""
     folder = tmp_path_factory.mktemp("faults")
     project = tiny_pipeline.make_project(folder / "project")
     (folder / "hook").mkdir()
@@ -105,7 +120,7 @@ def reference(tmp_path_factory):
     commands = tiny_pipeline.stage_commands(project)
     declared = tiny_pipeline.stage_outputs(project)
     outputs, seconds, commits = {}, {}, {}
-    for stage in tiny_pipeline.MINING_STAGES:
+    for stage in commands:  # run order
         log = folder / f"{stage}.commits"
         start = time.perf_counter()
         tiny_pipeline.run_stage(project, commands[stage], env=hooked_env(project, folder / "hook", log))
@@ -124,8 +139,11 @@ def hooked_env(project: Path, hook: Path, log: Path, pause_at: int = 0) -> dict:
 
 
 def remove_outputs(project: Path, paths: list[str]) -> None:
+    """A state without the stage's outputs (and without finetune's resume
+    state: a fresh run)."""
     for relative in tiny_pipeline.output_files(project, paths):
         (project / relative).unlink()
+    shutil.rmtree(project / CHECKPOINTS, ignore_errors=True)
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -175,14 +193,15 @@ def check_nothing_half_written(found: dict[str, bytes], expected: dict[str, byte
 
 @pytest.mark.slow
 @pytest.mark.skipif(not tiny_pipeline.HAVE_FASHION, reason="dataset-fashion-mnist not installed")
-@pytest.mark.parametrize("stage", tiny_pipeline.MINING_STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_killed_stage_leaves_no_half_written_output_and_reruns_identically(reference, stage, tmp_path):
     project, argv, declared = reference["project"], reference["commands"][stage], reference["declared"][stage]
     expected, seconds = reference["outputs"][stage], reference["seconds"][stage]
     rng = np.random.default_rng(zlib.crc32(stage.encode()))
+    random_kills, commit_kills = KILLS[stage]
     leftovers = set()
 
-    for delay in sorted(rng.uniform(0.2, 1.0, RANDOM_KILLS) * seconds):
+    for delay in sorted(rng.uniform(0.2, 1.0, random_kills) * seconds):
         remove_outputs(project, declared)
         killed = kill_after(project, argv, tiny_pipeline.environment(project), delay)
         found = tiny_pipeline.output_files(project, declared)
@@ -195,7 +214,7 @@ def test_killed_stage_leaves_no_half_written_output_and_reruns_identically(refer
     direct = [path for path in expected if str(project / path) not in published]
     assert direct == [], f"{stage}: written without an atomic rename: {direct}"
     commits = len(reference["commits"][stage])
-    for number in sorted({1, commits}):
+    for number in sorted({dict(first=1, last=commits)[which] for which in commit_kills}):
         remove_outputs(project, declared)
         log = tmp_path / f"commits-{number}"
         destination = kill_at_commit(project, argv, hooked_env(project, reference["hook"], log, number), log, number)
@@ -207,7 +226,12 @@ def test_killed_stage_leaves_no_half_written_output_and_reruns_identically(refer
         assert temporaries, f"{when}: no temporary file of the write in progress"
         leftovers |= temporaries
 
-    tiny_pipeline.run_stage(project, argv)  # from the last kill's state
+    checkpoints = sorted((project / CHECKPOINTS).rglob("*.pt"))  # finetune: its epoch was saved
+    rerun = tiny_pipeline.run_stage(project, argv)  # from the last kill's state
+    if stage == "finetune":
+        assert checkpoints, "finetune killed at its last commit without an epoch checkpoint"
+        assert "resuming after epoch 1 of 1" in rerun.stderr, rerun.stderr[-2000:]
+        assert not list((project / CHECKPOINTS).rglob("*.pt")), "finetune kept its checkpoint after finishing"
     after = tiny_pipeline.output_files(project, declared)
     assert comparable_outputs(after) == comparable_outputs(expected), f"{stage}: the rerun differs"
     assert not [path for path in after if is_temporary(path)], f"{stage}: the rerun left temporaries"
