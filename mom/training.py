@@ -216,8 +216,7 @@ def wrap_for_ranks(module: torch.nn.Module, ctx: distributed.Context) -> torch.n
     if not ctx.distributed:
         return module
     device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
-    # batch-norm statistics are frozen and equal everywhere: no buffer broadcast per step
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
 # ------------------------------------------------------------ network split

@@ -1,11 +1,15 @@
 """finetune under torchrun (2 gloo processes) on the tiny collection of
 test_finetune_stage: one set of outputs, the same tuples on both ranks, and the
 same training as one process (DDP's averaged gradient is the whole batch's mean)."""
+import contextlib
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +67,39 @@ def test_torchrun_finetune_trains_like_one_process(workspace, tmp_path):  # noqa
     assert (head["two"] - head["one"]).abs().max() < 1e-2 * moved
     assert torch.equal(dict(net_two.named_parameters())["trunk.stem.0.weight"],
                        dict(fresh.named_parameters())["trunk.stem.0.weight"]), "the frozen prefix did not move"
+
+
+def kill_with_workers(launcher):
+    """SIGKILL the ranks, then the torchrun launcher (the ranks run in their own sessions)."""
+    workers = []
+    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+        workers += [int(pid) for pid in (task / "children").read_text().split()]
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.kill()
+    launcher.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_killed_then_resumed_gives_the_uninterrupted_result(workspace, tmp_path):  # noqa: F811
+    epochs, env = 12, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run_finetune(TORCHRUN, stage_args(workspace, tmp_path / "ref", epochs=epochs, batch_size=7))
+
+    out, checkpoints = tmp_path / "run", tmp_path / "run-ckpt"
+    victim = subprocess.Popen([*TORCHRUN, "-m", "stages.finetune", *stage_args(workspace, out, epochs=epochs, batch_size=7)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              )
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*.pt")) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kill_with_workers(victim)
+    (checkpoint,) = checkpoints.glob("*.pt")
+    finished = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= finished < epochs, "the run finished before it could be killed"
+    assert not (out / "model.pt").exists()
+
+    output = run_finetune(TORCHRUN, stage_args(workspace, out, epochs=epochs, batch_size=7))
+    assert f"resuming after epoch {finished} of {epochs}" in output
+    assert (out / "model.pt").read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
+    assert (out / "log.tsv").read_text() == (tmp_path / "ref" / "log.tsv").read_text()
