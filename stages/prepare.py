@@ -146,10 +146,12 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
               help="dataset layout to read")
 @click.option("--root", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="directory holding the dataset (folder source: the training images)")
-@click.option("--train_classes", type=int, multiple=True, default=(5, 6, 7, 8, 9), show_default=True,
-              help="fashion-mnist: classes of the unlabeled training collection (repeat the option)")
-@click.option("--test_classes", type=int, multiple=True, default=(0, 1, 2, 3, 4), show_default=True,
-              help="fashion-mnist: held-out test classes (repeat the option)")
+# No defaults for the class lists: DVC renders an empty list in params.yaml as no
+# option at all, so a default here would silently replace "[]" (an error).
+@click.option("--train_classes", type=int, multiple=True,
+              help="fashion-mnist: classes of the unlabeled training collection, e.g. 5..9 (repeat the option)")
+@click.option("--test_classes", type=int, multiple=True,
+              help="fashion-mnist: held-out test classes, e.g. 0..4 (repeat the option)")
 @click.option("--per_class", type=OptionalCount(), default=1200, show_default=True,
               help="fashion-mnist: images drawn per class for train and test (0 or none = all)")
 @click.option("--val_per_class", type=int, default=200, show_default=True,

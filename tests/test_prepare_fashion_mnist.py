@@ -179,7 +179,21 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_bad_option_is_one_line_and_status_2(tmp_path):
-    result = CliRunner().invoke(main, ["--train_classes", "3", "--out-dir", str(tmp_path / "p")])
+    result = CliRunner().invoke(main, ["--train_classes", "3", "--test_classes", "3", "--out-dir", str(tmp_path / "p")])
     assert result.exit_code == 2
     assert "prepare: error: train_classes and test_classes overlap on [3]" in result.output
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("given,missing", [(["--test_classes", "0"], "train_classes"), (["--train_classes", "5"], "test_classes")])
+def test_a_class_list_left_empty_is_an_error_not_a_default(tmp_path, given, missing):
+    """`train_classes: []` in params.yaml reaches the stage as no option at all (DVC
+    renders an empty list as nothing): it must be an error, never a silent default."""
+    from click.testing import CliRunner
+
+    from stages.prepare import main
+
+    result = CliRunner().invoke(main, [*given, "--out-dir", str(tmp_path / "p")])
+    assert result.exit_code == 2
+    assert f"{missing}: must list" in result.output
     assert not (tmp_path / "p").exists()
