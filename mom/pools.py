@@ -60,21 +60,23 @@ def manifold_positives(manifold_ids: np.ndarray, euclidean_ids: np.ndarray, k: i
     """Eq. (5): ``P+ = NN_k^m \\ NN_k^e``, in descending manifold similarity, at most ``cap``."""
     check_depth(manifold_ids, k, "manifold", "k_pos")
     check_depth(euclidean_ids, k, "Euclidean", "k_pos")
-    lists = []
-    for manifold, euclidean in zip(manifold_ids, euclidean_ids):
-        candidates = first_k(manifold, k)
-        lists.append(candidates[~np.isin(candidates, first_k(euclidean, k))][:cap])
-    return Pool.from_lists(lists)
+    return ordered_difference(manifold_ids, euclidean_ids, k, cap)
 
 
 def manifold_negatives(manifold_ids: np.ndarray, euclidean_ids: np.ndarray, k: int, cap: int) -> Pool:
     """Eq. (6): ``P- = NN_k^e \\ NN_k^m``, in descending Euclidean similarity, at most ``cap``."""
     check_depth(manifold_ids, k, "manifold", "k_neg")
     check_depth(euclidean_ids, k, "Euclidean", "k_neg")
+    return ordered_difference(euclidean_ids, manifold_ids, k, cap)
+
+
+def ordered_difference(kept_ids: np.ndarray, removed_ids: np.ndarray, k: int, cap: int) -> Pool:
+    """Per anchor, the first ``k`` of ``kept_ids`` that are not among the first ``k``
+    of ``removed_ids``, in ``kept_ids`` order, at most ``cap``."""
     lists = []
-    for manifold, euclidean in zip(manifold_ids, euclidean_ids):
-        candidates = first_k(euclidean, k)
-        lists.append(candidates[~np.isin(candidates, first_k(manifold, k))][:cap])
+    for kept, removed in zip(kept_ids, removed_ids):
+        candidates = first_k(kept, k)
+        lists.append(candidates[~np.isin(candidates, first_k(removed, k))][:cap])
     return Pool.from_lists(lists)
 
 
