@@ -145,3 +145,35 @@ def pool_stats(pool: Pool, n_anchors: int) -> dict:
         "mean_per_anchor": float(sizes.mean()) if n_anchors else 0.0,
         "anchors_without_members": int((sizes == 0).sum()),
     }
+
+
+def stored_similarities(anchor_rows: np.ndarray, members: np.ndarray, neighbour_ids: np.ndarray,
+                        neighbour_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored similarity of each (anchor row, member) pair and whether it was stored.
+
+    ``neighbour_ids``/``neighbour_values`` are (anchors, depth) lists padded with -1;
+    pairs not in them get 0 and ``found`` False (e.g. baseline positives beyond the
+    kept manifold neighbours).
+    """
+    n_keys = int(max(neighbour_ids.max(initial=0), members.max(initial=0))) + 1
+    stored = neighbour_ids >= 0
+    keys = (np.nonzero(stored)[0] * n_keys + neighbour_ids[stored]).astype(np.int64)
+    order = np.argsort(keys)
+    keys, values = keys[order], neighbour_values[stored][order]
+    wanted = anchor_rows.astype(np.int64) * n_keys + members
+    if len(keys) == 0:
+        return np.zeros(len(wanted), np.float32), np.zeros(len(wanted), bool)
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    found = keys[at] == wanted
+    return np.where(found, values[at], 0).astype(np.float32), found
+
+
+def pair_inner_products(features, left: np.ndarray, right: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """``y_left[i] . y_right[i]`` for every pair, a chunk of rows at a time (bounded memory
+    when ``features`` is a memory map of a large collection)."""
+    out = np.empty(len(left), dtype=np.float32)
+    for start in range(0, len(left), chunk):
+        a = np.asarray(features[left[start:start + chunk]], dtype=np.float32)
+        b = np.asarray(features[right[start:start + chunk]], dtype=np.float32)
+        out[start:start + chunk] = np.einsum("ij,ij->i", a, b)
+    return out

@@ -28,7 +28,7 @@ import pyarrow as pa
 from mom import artifacts
 from mom.graph import check_features, neighbours_of
 from mom.imagestore import ImageStore
-from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, euclidean_positives, manifold_negatives,
+from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, pair_inner_products, stored_similarities, euclidean_positives, manifold_negatives,
                        manifold_positives, pool_purity, pool_stats, random_negatives)
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -60,41 +60,18 @@ def read_manifold(path, anchors: np.ndarray) -> tuple[np.ndarray, dict]:
     return ids, values
 
 
-def manifold_similarity_of(anchor_rows, members, manifold_ids, manifold_values) -> pa.Array:
-    """s_m of each (anchor, member) pair found in the stored manifold lists, else null."""
-    n_keys = int(max(manifold_ids.max(initial=0), members.max(initial=0))) + 1
-    stored = manifold_ids >= 0
-    keys = (np.nonzero(stored)[0] * n_keys + manifold_ids[stored]).astype(np.int64)
-    order = np.argsort(keys)
-    keys, values = keys[order], manifold_values[stored][order]
-    wanted = anchor_rows.astype(np.int64) * n_keys + members
-    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-    found = (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
-    result = np.where(found, values[at] if len(keys) else 0, 0).astype(np.float32)
-    return pa.array(result, pa.float32(), mask=~found)
-
-
-def pair_inner_products(features, left: np.ndarray, right: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    """``y_left[i] . y_right[i]`` for every pair, a chunk of rows at a time (bounded memory)."""
-    out = np.empty(len(left), dtype=np.float32)
-    for start in range(0, len(left), chunk):
-        a = np.asarray(features[left[start:start + chunk]], dtype=np.float32)
-        b = np.asarray(features[right[start:start + chunk]], dtype=np.float32)
-        out[start:start + chunk] = np.einsum("ij,ij->i", a, b)
-    return out
-
-
 def pools_table(anchors, features, manifold_ids, manifold_values, positive, negative) -> pa.Table:
     parts = []
     for kind, pool in (("positive", positive), ("negative", negative)):
         anchor_ids = anchors[pool.anchor_row]
         euclidean = pair_inner_products(features, anchor_ids, pool.member)
+        manifold, found = stored_similarities(pool.anchor_row, pool.member, manifold_ids, manifold_values)
         parts.append((pool.anchor_row, 0 if kind == "positive" else 1, pa.table({
             "anchor": pa.array(anchor_ids, pa.int64()),
             "member": pa.array(pool.member, pa.int64()),
             "kind": pa.array([kind] * len(pool.member), pa.string()),
             "rank": pa.array(pool.rank, pa.int32()),
-            "manifold_similarity": manifold_similarity_of(pool.anchor_row, pool.member, manifold_ids, manifold_values),
+            "manifold_similarity": pa.array(manifold, pa.float32(), mask=~found),
             "euclidean_similarity": pa.array(euclidean.astype(np.float32), pa.float32()),
         })))
     table = pa.concat_tables([part[2] for part in parts])

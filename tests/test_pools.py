@@ -99,3 +99,26 @@ def test_banana_positives_follow_the_curve_and_negatives_come_from_other_curves(
     negative_other = curve[anchors[negatives.anchor_row]] != curve[negatives.member]
     assert other_curve.sum() > 0
     assert negative_other.mean() > 5 * other_curve.mean()
+
+
+def test_stored_similarities_against_a_dictionary():
+    from mom.pools import stored_similarities
+
+    rng = np.random.default_rng(0)
+    ids = np.array([[3, 7, -1], [7, 1, 4]])
+    values = rng.random(ids.shape).astype(np.float32)
+    rows, members = np.array([0, 0, 1, 1, 1, 0]), np.array([7, 4, 4, 3, 7, 3])
+    table = {(r, m): values[r, c] for r in range(2) for c, m in enumerate(ids[r]) if m >= 0}
+    got, found = stored_similarities(rows, members, ids, values)
+    for (r, m), g, f in zip(zip(rows, members), got, found):
+        assert f == ((r, m) in table) and g == table.get((r, m), 0)
+
+
+def test_pair_inner_products_in_chunks():
+    from mom.pools import pair_inner_products
+
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((20, 5)).astype(np.float32)
+    left, right = rng.integers(0, 20, 33), rng.integers(0, 20, 33)
+    expected = (features[left] * features[right]).sum(axis=1)
+    assert np.allclose(pair_inner_products(features, left, right, chunk=7), expected, atol=1e-5)
