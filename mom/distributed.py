@@ -14,6 +14,10 @@ API
     process), ``device`` (the device this rank computes on: ``cuda:LOCAL_RANK``
     under torchrun on GPUs, else the device asked for); ``is_main`` (rank 0:
     the only rank that writes outputs and logs progress), ``distributed``.
+``check_device(device) -> str``
+    ``device`` itself when this machine can compute on it (``cpu``, ``cuda`` or
+    ``cuda:N`` with a visible GPU N), else an :class:`InputError` naming the
+    ``--device`` option: what stages with a device option validate it with.
 ``init(device="cpu", backend=None, timeout=DEFAULT_TIMEOUT) -> Context``
     Backend ``nccl`` for a CUDA device, ``gloo`` for the CPU (``backend``
     overrides). On CUDA, selects ``cuda:LOCAL_RANK`` as the current device.
@@ -44,12 +48,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mom.errors import InputError
 
 DEFAULT_TIMEOUT = datetime.timedelta(hours=1)  # ranks wait for the slowest one at each gather
 CHUNK_BYTES = 64 << 20
@@ -70,6 +77,22 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def check_device(device: str) -> str:
+    """``device`` when this machine can compute on it; else a one-line :class:`InputError`."""
+    form = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if form is None:
+        raise InputError(f"--device: must be cpu, cuda or cuda:N, got {device!r}")
+    if device == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise InputError(f"--device: {device} requested but no CUDA device is available; use cpu")
+    count = torch.cuda.device_count()
+    if int(form.group(1) or 0) >= count:
+        raise InputError(f"--device: {device} requested but this machine has {count} CUDA device(s), "
+                         f"cuda:0..cuda:{count - 1}")
+    return device
 
 
 def _launched_by_torchrun() -> bool:

@@ -58,10 +58,7 @@ def validate(options: dict) -> None:
     dim = channels_of(options["backbone"])
     require(0 <= options["pca_dim"] <= dim,
             f"--pca_dim: must be in 0..{dim} (0 = keep all; {options['backbone']} gives {dim} dims), got {options['pca_dim']}")
-    device = options["device"]
-    require(device == "cpu" or device.startswith("cuda"), f"--device: cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
-        require(torch.cuda.is_available(), f"--device: {device} requested but no CUDA device is available; use cpu")
+    distributed.check_device(options["device"])
 
 
 def open_splits(prepared: Path) -> dict[str, ImageStore | None]:

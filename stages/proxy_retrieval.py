@@ -31,7 +31,7 @@ import click
 import numpy as np
 import torch
 
-from mom import artifacts, extraction, networks, whitening
+from mom import artifacts, distributed, extraction, networks, whitening
 from mom import proxy_retrieval as proxy
 from mom.augment import LEVELS
 from mom.backbones import BACKBONES
@@ -69,10 +69,7 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
             f"--aggregation: one of {', '.join(extraction.AGGREGATIONS)}, got {options['aggregation']!r}")
     require(options["batch_size"] >= 1, f"--batch_size: at least 1, got {options['batch_size']}")
     require(options["threads"] >= 0, f"--threads: 0 (torch's default) or more, got {options['threads']}")
-    device = options["device"]
-    require(device == "cpu" or device.startswith("cuda"), f"--device: cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
-        require(torch.cuda.is_available(), f"--device: {device} requested but no CUDA device is available; use cpu")
+    distributed.check_device(options["device"])
 
 
 def prepared_without_test(path: Path) -> bool:

@@ -10,6 +10,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from mom import artifacts, distributed
+from mom.errors import InputError
 from mom.extraction import plan_batches, shard_items
 from mom.imagestore import write_image_store
 
@@ -39,6 +40,31 @@ def test_balanced_pieces_are_contiguous_runs_near_equal_shares(seed, world_size)
 def test_balanced_pieces_of_nothing():
     assert distributed.balanced_pieces([], 3) == [range(0, 0)] * 3
     assert [len(run) for run in distributed.balanced_pieces([0] * 4, 2)] == [2, 2]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:1"])
+def test_check_device_accepts_what_the_machine_has(monkeypatch, device):
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    assert distributed.check_device(device) == device
+
+
+@pytest.mark.parametrize("device,gpus,message", [
+    ("tpu", 2, "cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda0", 2, "cpu, cuda or cuda:N"),
+    ("cuda:", 2, "cpu, cuda or cuda:N"),
+    ("CPU", 2, "cpu, cuda or cuda:N"),
+    ("cuda", 0, "no CUDA device is available"),
+    ("cuda:1", 0, "no CUDA device is available"),
+    ("cuda:2", 2, "this machine has 2 CUDA device(s), cuda:0..cuda:1"),
+])
+def test_check_device_names_the_option_and_what_is_there(monkeypatch, device, gpus, message):
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(InputError) as error:
+        distributed.check_device(device)
+    assert str(error.value).startswith("--device: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
 
 
 class ShapesOnly:
