@@ -26,11 +26,18 @@ batch order; each rank then computes its share of every batch and DDP averages
 the gradients, scaled so that one step is the mean over the whole batch (the
 same number of steps as one process). Rank 0 alone writes checkpoints; every
 rank resumes from the same one.
+
+Device: the caller moves the network to its device and builds the inputs there
+(:class:`SquarePixels` ``device``; a cached prefix then lives there too); the
+tuple selection stays on the CPU and checkpoints are read onto the CPU
+(:func:`load_training_state`). Only the CPU path is tested in this project
+(no GPU in CI).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +97,15 @@ class TrainingConfig:
             raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
 
 
+def use_deterministic_algorithms(device: str) -> None:
+    """torch's deterministic kernels only (an op without one raises). On CUDA
+    cuBLAS needs a fixed workspace for that, read from the environment when its
+    first handle is created: set before any CUDA work (a value already set wins)."""
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
     """The generator of everything random in one epoch (tuples, batch order)."""
     return np.random.default_rng([int(seed), int(epoch)])
@@ -117,7 +133,7 @@ def embed_pool(module: torch.nn.Module, inputs: Inputs, n_items: int, items: np.
     rows of items outside the pool are zero (never read)."""
     was_training = module.training
     module.eval()
-    embedded = run_in_batches(module, inputs, np.arange(len(items)), batch_size).numpy()
+    embedded = run_in_batches(module, inputs, np.arange(len(items)), batch_size).cpu().numpy()
     module.train(was_training)
     out = np.zeros((n_items, embedded.shape[1]), dtype=np.float32)
     out[items] = embedded
@@ -143,7 +159,7 @@ def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, p
         return select_tuples(pools, embeddings, rng, config.negatives_nearest)
     shard = np.asarray(distributed.shard_range(len(items), ctx.rank, ctx.world_size), dtype=np.int64)
     module.eval()
-    local = run_in_batches(module, inputs, shard, config.embed_batch_size).numpy()
+    local = run_in_batches(module, inputs, shard, config.embed_batch_size).cpu().numpy()
     if local.ndim != 2:  # an empty shard
         local = np.zeros((0, 1), dtype=np.float32)
     embeddings = distributed.gather_rows(ctx, local.astype(np.float32, copy=False), items[shard], n_items)
@@ -194,7 +210,7 @@ def train_one_epoch(
         batch = chosen.subset(whole[:1] if idle else mine)
         rows = np.searchsorted(items, np.concatenate([batch.anchor, batch.positive, batch.negative]))
         anchor, positive, negative = module(inputs[rows]).chunk(3)
-        weights = torch.from_numpy(batch.weight) if config.weighted else None
+        weights = torch.from_numpy(batch.weight).to(anchor.device) if config.weighted else None
         losses = tuple_losses(config.loss, anchor, positive, negative, config.margin, weights)
         optimizer.zero_grad(set_to_none=True)
         if ctx.distributed:  # DDP divides the summed gradients by world_size: the step is the whole batch's mean
@@ -226,10 +242,11 @@ class SquarePixels:
     """Items of an image store as float RGB pixels ``(B, 3, size, size)`` in
     [0, 255] (bilinear, antialiased resize; grayscale replicated): fixed-size
     training inputs, so a frozen prefix's outputs stack into one tensor.
-    ``self[rows]`` loads ``items[rows]``."""
+    ``self[rows]`` loads ``items[rows]``, resized on the CPU, onto ``device``."""
 
-    def __init__(self, store, items: np.ndarray, size: int):
+    def __init__(self, store, items: np.ndarray, size: int, device: str = "cpu"):
         self.store, self.items, self.size = store, np.asarray(items, dtype=np.int64), int(size)
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.items)
@@ -237,10 +254,10 @@ class SquarePixels:
     def __getitem__(self, rows) -> torch.Tensor:
         images = [self.store[item] for item in self.items[np.asarray(rows)]]
         if not images:
-            return torch.empty(0, 3, self.size, self.size)
+            return torch.empty(0, 3, self.size, self.size, device=self.device)
         if len({image.shape for image in images}) == 1:  # one resize call for the batch
-            return self._resized(np.stack(images))
-        return torch.cat([self._resized(image[None]) for image in images])
+            return self._resized(np.stack(images)).to(self.device)
+        return torch.cat([self._resized(image[None]) for image in images]).to(self.device)
 
     def _resized(self, images: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
@@ -310,7 +327,8 @@ def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int) -
             x = block(x)
         return net.pool(x)
 
-    descriptors = run_in_batches(pooled, inputs, np.arange(len(inputs)), batch_size).double()
+    # the eigendecomposition on the CPU: the same head for the same descriptors on any device
+    descriptors = run_in_batches(pooled, inputs, np.arange(len(inputs)), batch_size).cpu().double()
     dim = net.head.out_features
     if len(descriptors) < dim:
         raise ValueError(f"PCA head init needs at least {dim} training items, got {len(descriptors)}")
@@ -343,12 +361,17 @@ def save_training_state(path: str | Path, state: dict) -> None:
 
 def load_training_state(path: str | Path, fingerprint: str) -> dict | None:
     """The checkpoint at ``path`` if it exists and belongs to the same run
-    (same ``fingerprint`` of inputs and options); otherwise None."""
+    (same ``fingerprint`` of inputs and options); otherwise None.
+
+    Read onto the CPU whatever device wrote it: a GPU run's checkpoint then
+    resumes on a CPU-only machine and back, the module's and optimizer's
+    ``load_state_dict`` copy the tensors to the parameters' device, and
+    ``torch.set_rng_state`` takes a CPU tensor only."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt checkpoint is only a lost head start
         log.warning("ignoring unreadable checkpoint %s (%s)", path, error)
         return None

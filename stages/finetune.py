@@ -16,10 +16,15 @@ params or inputs changed). The fingerprint hashes the options and the input
 files, so a checkpoint is only resumed by the very run that wrote it; it is
 deleted once ``model.pt`` is written.
 
-Runs unchanged under ``torchrun --nproc_per_node N`` (gloo, CPU): every rank
-caches the frozen prefix, the trainable suffix trains under
-DistributedDataParallel with the tuples re-mined identically on every rank
-(:func:`mom.training.fit`); rank 0 alone writes the checkpoint and the outputs.
+Runs unchanged under ``torchrun --nproc_per_node N`` (gloo on the CPU, nccl
+with ``--device cuda``, one GPU per process): every rank caches the frozen
+prefix, the trainable suffix trains under DistributedDataParallel with the
+tuples re-mined identically on every rank (:func:`mom.training.fit`); rank 0
+alone writes the checkpoint and the outputs.
+
+``--device cuda[:N]`` trains on a GPU: the network and the cached inputs live
+there, ``model.pt`` holds CPU tensors (it loads on a CPU-only machine). That
+path was never run in this project (no GPU in its CI); ``cpu`` is the tested one.
 """
 from __future__ import annotations
 
@@ -115,7 +120,7 @@ def _format(value) -> str:
 def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
     """``validate(module) -> {"val_recall_at_1"}`` on cached validation inputs."""
     def validate(module):
-        embedded = training.run_in_batches(module, net_suffix_inputs, np.arange(len(labels)), batch_size).numpy()
+        embedded = training.run_in_batches(module, net_suffix_inputs, np.arange(len(labels)), batch_size).cpu().numpy()
         return {"val_recall_at_1": metrics.recall_at_k(embedded, labels, ks=(1,))[1]}
     return validate
 
@@ -158,11 +163,14 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch_size_embed", type=int, default=256, show_default=True, help="Images per forward pass when embedding.")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda[:N] (under torchrun with cuda: each process its LOCAL_RANK's GPU).")
 @stage_command("finetune")
 def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
          head_dim, head_init, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
-         loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads):
+         loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads, device):
     require(batch_size_embed >= 1, f"batch_size_embed: must be at least 1, got {batch_size_embed}")
+    distributed.check_device(device)
     config = training.TrainingConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
         lr_gamma=lr_gamma, loss=loss, margin=margin, weighted=weighted, negatives_nearest=negatives_nearest,
@@ -181,7 +189,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     require(not (aggregation == "gem" and head_dim), "aggregation: gem needs non-negative descriptors (head_dim 0)")
     if threads:
         torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    training.use_deterministic_algorithms(device)
     try:
         meta = networks.make_meta(backbone, pooling, gem_p, head_dim or None)
     except InputError as error:
@@ -209,6 +217,8 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",
              len(pools.anchors), len(pools.dropped_anchors), len(pools.items()))
 
+    # No device here: a checkpoint is read onto the CPU and resumes on any device
+    # (a run moved between CPU and GPU differs from either only in rounding).
     options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks, head_init=head_init,
                    image_size=image_size, validate=bool(use_val), weights=weights)
     inputs_to_hash = [train_dir / "manifest.parquet", train_dir / "pixels.npy", pools_path, anchors_path]
@@ -217,7 +227,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     fingerprint = run_fingerprint(options, inputs_to_hash)
     checkpoint_path = checkpoint_dir / f"{fingerprint[:20]}.pt"
 
-    with distributed.session("cpu") as ctx:
+    with distributed.session(device) as ctx:
         if not ctx.is_main:
             log.setLevel(logging.WARNING)
         train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
@@ -230,7 +240,7 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
     """Build, fine-tune and (rank 0) write the network; every rank runs it."""
     if ctx.distributed:
         log.info("%d processes (%s)", ctx.world_size, ctx.backend)
-    net = networks.build_network(meta, weights=weights or None, seed=seed)
+    net = networks.build_network(meta, weights=weights or None, seed=seed).to(ctx.device)
     try:
         prefix, suffix = training.split_for_finetuning(net, trainable_blocks)
     except ValueError as error:
@@ -239,7 +249,8 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
              "all" if trainable_blocks is None else f"last {trainable_blocks}",
              sum(p.numel() for p in suffix.parameters() if p.requires_grad))
     items = pools.items()
-    train_inputs, val_inputs = _inputs(prefix, suffix.start, train_store, items, val_store, image_size, batch_size_embed)
+    train_inputs, val_inputs = _inputs(prefix, suffix.start, train_store, items, val_store, image_size, batch_size_embed,
+                                       ctx.device)
 
     explained = None
     if head_dim and head_init == "pca":
@@ -279,18 +290,19 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
         "val_recall_at_1_final": history[-1].get("val_recall_at_1") if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         **({"processes": ctx.world_size} if ctx.distributed else {}),
+        **({"device": ctx.device} if ctx.device != "cpu" else {}),
     })
     checkpoint_path.unlink(missing_ok=True)
     distributed.barrier(ctx)
 
 
-def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size):
-    """Training (and validation) inputs: the frozen prefix's outputs cached once,
-    or, when every stage trains, lazily loaded pixels."""
-    train_pixels = training.SquarePixels(train_store, items, image_size)
+def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size, device):
+    """Training (and validation) inputs on ``device``: the frozen prefix's outputs
+    cached once, or, when every stage trains, lazily loaded pixels."""
+    train_pixels = training.SquarePixels(train_store, items, image_size, device)
     val_pixels = None
     if val_store is not None:
-        val_pixels = training.SquarePixels(val_store, np.arange(len(val_store)), image_size)
+        val_pixels = training.SquarePixels(val_store, np.arange(len(val_store)), image_size, device)
     if start == 0:
         return train_pixels, val_pixels
     with timed(f"frozen prefix on {len(items)} training items"):

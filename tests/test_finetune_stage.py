@@ -121,6 +121,21 @@ def test_bad_options_fail_in_one_line(workspace, tmp_path, option, value, messag
     assert not (tmp_path / "x" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("device,gpus,message", [
+    ("tpu", 0, "--device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("cuda", 0, "--device: cuda requested but no CUDA device is available"),
+    ("cuda:1", 1, "--device: cuda:1 requested but this machine has 1 CUDA device(s)"),
+])
+def test_an_unusable_device_fails_in_one_line(workspace, tmp_path, monkeypatch, device, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    result = CliRunner().invoke(finetune.main, stage_args(workspace, tmp_path / "x", device=device))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"finetune: error: {message}"), lines
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-ckpt").exists()
+
+
 def test_pca_head_init(workspace, tmp_path):
     runner = CliRunner()
     result = runner.invoke(finetune.main, stage_args(workspace, tmp_path / "a", head_init="pca"))

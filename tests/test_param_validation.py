@@ -162,6 +162,7 @@ CASES = [
     case("finetune.seed", "--seed", -1),
     case("finetune.batch_size_embed", "--batch_size_embed", 0),
     case("finetune.threads", "--threads", -1),
+    case("finetune.device", "--device", "tpu"),
 
     case("whiten.method", "--method", "zca"),
     case("whiten.dim", "--dim", -1),

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,28 @@ def test_checkpoint_of_another_run_is_ignored(tmp_path):
     assert training.load_training_state(checkpoint, "f")["epoch"] == state["epoch"] == 2
     checkpoint.write_bytes(b"garbage")
     assert training.load_training_state(checkpoint, "f") is None
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", None), ("cuda", ":4096:8"), ("cuda:1", ":4096:8")])
+def test_deterministic_mode_gives_cublas_its_fixed_workspace_on_cuda_only(monkeypatch, device, expected):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was_on = torch.are_deterministic_algorithms_enabled()
+    try:
+        training.use_deterministic_algorithms(device)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == expected
+
+
+def test_a_cublas_workspace_set_by_the_user_is_kept(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    was_on = torch.are_deterministic_algorithms_enabled()
+    try:
+        training.use_deterministic_algorithms("cuda")
+    finally:
+        torch.use_deterministic_algorithms(was_on)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def test_validate_rows_join_the_log():
