@@ -10,6 +10,12 @@ An item is never its own neighbour, even when it has exact duplicates: a
 duplicate has similarity 1 and may come before the item itself in the search
 results, so the item is removed by id (or, when a tie pushed it out of the
 results altogether, the last result is dropped).
+
+Devices: with the GPU build of faiss, exact and IVF search can run on every
+visible GPU (:func:`resolve_search_device`); faiss has no GPU HNSW, so HNSW
+stays on the CPU. GPU search finds the same neighbours up to floating-point
+rounding and ties, which are ordered as on the CPU (:func:`drop_self`). The GPU
+path was never run in this project (no GPU in its CI).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from mom.errors import InputError
 log = logging.getLogger(__name__)
 
 SEARCH_METHODS = ("auto", "exact", "hnsw", "ivf")
+SEARCH_DEVICES = ("cpu", "cuda", "auto")
+GPU_MAX_K = 2048  # faiss GPU indexes return at most this many results per query
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class SearchSettings:
     ivf_nprobe: int = 64
     batch_size: int = 16384
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda, as resolve_search_device gives it
 
     def resolve(self, n_items: int) -> str:
         if self.method not in SEARCH_METHODS:
@@ -52,6 +61,29 @@ class SearchSettings:
         if self.method == "auto":
             return "exact" if n_items <= self.exact_max_items else "hnsw"
         return self.method
+
+
+def visible_gpus() -> int:
+    """GPUs faiss can search on: 0 with the CPU-only build (no ``get_num_gpus``, or it says 0)."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return int(get_num_gpus()) if get_num_gpus is not None else 0
+
+
+def resolve_search_device(requested: str, gpus_available: int) -> str:
+    """``cpu`` or ``cuda`` for the ``device`` option: ``auto`` is cuda when faiss sees a GPU."""
+    if requested not in SEARCH_DEVICES:
+        raise InputError(f"device: {requested!r} is not one of {', '.join(SEARCH_DEVICES)}")
+    if requested == "auto":
+        return "cuda" if gpus_available > 0 else "cpu"
+    if requested == "cuda" and gpus_available < 1:
+        raise InputError("device: cuda needs the GPU build of faiss (faiss-gpu, not faiss-cpu) and a visible GPU; "
+                         "found none (use cpu or auto)")
+    return requested
+
+
+def method_device(method: str, device: str) -> str:
+    """Where ``method`` searches on the resolved ``device``: faiss has no GPU HNSW."""
+    return "cpu" if method == "hnsw" else device
 
 
 def check_features(features: np.ndarray, name: str = "features") -> None:
@@ -126,8 +158,27 @@ def exact_search(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndar
 
 
 def build_index(features: np.ndarray, method: str, settings: SearchSettings) -> faiss.Index:
-    """An approximate inner-product index (HNSW or IVF-Flat) holding ``features``."""
+    """An inner-product index holding ``features``: HNSW or IVF-Flat (approximate), or
+    flat (exact, on GPUs only: on the CPU exact search needs no index, see :func:`exact_search`)."""
+    n = features.shape[0]
+    index = empty_index(features, method, settings)
+    if method_device(method, settings.device) == "cuda":
+        index = to_gpus(index, method)
+    if method == "hnsw":
+        # one call: faiss links each batch of an HNSW add among itself, so adding in
+        # batches wrecks the graph (recall 0.997 -> 0.98 at 16k-item batches on 20k items)
+        index.add(np.ascontiguousarray(features, dtype=np.float32))
+    else:
+        for start in range(0, n, settings.batch_size):
+            index.add(np.ascontiguousarray(features[start:start + settings.batch_size], dtype=np.float32))
+    return index
+
+
+def empty_index(features: np.ndarray, method: str, settings: SearchSettings) -> faiss.Index:
+    """The CPU index of ``method``, trained (IVF) but empty."""
     n, dim = features.shape
+    if method == "exact":
+        return faiss.IndexFlatIP(dim)
     if method == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.hnsw_ef_construction
@@ -143,14 +194,15 @@ def build_index(features: np.ndarray, method: str, settings: SearchSettings) -> 
         index.nprobe = min(settings.ivf_nprobe, nlist)
     else:
         raise InputError(f"search: no index for method {method!r}")
-    if method == "hnsw":
-        # one call: faiss links each batch of an HNSW add among itself, so adding in
-        # batches wrecks the graph (recall 0.997 -> 0.98 at 16k-item batches on 20k items)
-        index.add(np.ascontiguousarray(features, dtype=np.float32))
-    else:
-        for start in range(0, n, settings.batch_size):
-            index.add(np.ascontiguousarray(features[start:start + settings.batch_size], dtype=np.float32))
     return index
+
+
+def to_gpus(index: faiss.Index, method: str) -> faiss.Index:
+    """A copy of the (empty) CPU ``index`` on every visible GPU, each searching part of the queries."""
+    gpu_index = faiss.index_cpu_to_all_gpus(index)
+    if method == "ivf":  # the copy to several GPUs may not carry nprobe over
+        faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", index.nprobe)
+    return gpu_index
 
 
 def hnsw_self_search(index: faiss.IndexHNSW, block: np.ndarray, first_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +237,12 @@ def knn_search(features: np.ndarray, k: int, count_self: bool = True,
     check_k(k, n)
     n_other = neighbours_per_item(k, count_self)
     method = settings.resolve(n)
-    index = None if method == "exact" else build_index(features, method, settings)
+    device = method_device(method, settings.device)
+    if device != settings.device:
+        log.info("%s search has no GPU implementation in faiss: it runs on the CPU", method)
+    if device == "cuda" and n_other + 1 > GPU_MAX_K:
+        raise InputError(f"k={k}: faiss searches at most {GPU_MAX_K} neighbours per item on a GPU; use device cpu")
+    index = None if method == "exact" and device == "cpu" else build_index(features, method, settings)
     ids = np.empty((n, n_other), dtype=np.int64)
     sims = np.empty((n, n_other), dtype=np.float32)
     for start in range(0, n, settings.batch_size):

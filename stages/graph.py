@@ -10,6 +10,10 @@ for approximate search, recall against exact search on a sample).
 Self-neighbour convention: ``k`` counts the item itself (``--count_self``, the
 authors' choice: k = 30 gives 29 other neighbours); ``--no-count_self`` makes
 ``k`` the number of other items.
+
+``--device cuda`` (or ``auto`` when faiss sees a GPU) runs exact and IVF search
+on every visible GPU; it needs the GPU build of faiss. Untested in this
+project (no GPU in its CI).
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from mom import artifacts
-from mom.graph import (SEARCH_METHODS, SearchSettings, check_features, check_k, graph_report, knn_search,
-                       neighbours_per_item, reciprocal_graph, search_recall)
+from mom.graph import (SEARCH_DEVICES, SEARCH_METHODS, SearchSettings, check_features, check_k, graph_report,
+                       knn_search, method_device, neighbours_per_item, reciprocal_graph, resolve_search_device,
+                       search_recall, visible_gpus)
 from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
@@ -62,13 +67,15 @@ def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
 @click.option("--threads", type=int, default=0, show_default=True,
               help="faiss threads (0 = all cores); HNSW builds are bit-reproducible only with 1")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="recall sample and IVF training sample")
+@click.option("--device", type=click.Choice(SEARCH_DEVICES), default="cpu", show_default=True,
+              help="exact and IVF search on the CPU or every visible GPU (faiss-gpu); auto: cuda if faiss sees a GPU")
 @click.option("--features", "features_path", type=click.Path(dir_okay=False), default="data/features/train.npy",
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/graph", show_default=True)
 @stage_command("graph")
 def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
          hnsw_self_entry, ivf_nlist,
-         ivf_nprobe, recall_sample, threads, seed, features_path, out_dir):
+         ivf_nprobe, recall_sample, threads, seed, device, features_path, out_dir):
     """Build the reciprocal kNN graph, the kNN lists and the graph report."""
     require(gamma > 0, f"gamma={gamma}: must be positive")
     for name, value in (("hnsw_m", hnsw_m), ("hnsw_ef_construction", hnsw_ef_construction),
@@ -76,6 +83,7 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
         require(value >= 1, f"{name}={value}: must be at least 1")
     require(recall_sample >= 0 and threads >= 0 and exact_max_items >= 0,
             "recall_sample, threads and exact_max_items must be >= 0")
+    device = resolve_search_device(device, visible_gpus())
     features = artifacts.load_npy(features_path, mmap=True)
     with timed("checked features"):
         check_features(features, name=str(features_path))
@@ -85,23 +93,23 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
     if threads:
         faiss.omp_set_num_threads(threads)
     settings = SearchSettings(search, exact_max_items, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
-                              hnsw_self_entry, ivf_nlist, ivf_nprobe, seed=seed)
+                              hnsw_self_entry, ivf_nlist, ivf_nprobe, seed=seed, device=device)
     with timed("searched neighbours"), tqdm(total=n, desc="graph search", unit="item", leave=False) as bar:
         ids, sims, method = knn_search(features, k, count_self, settings, progress=bar.update)
-    log.info("search: %s, %d items x %d neighbours", method, n, ids.shape[1])
+    searched_on = method_device(method, device)
+    log.info("search: %s on %s, %d items x %d neighbours", method, searched_on, n, ids.shape[1])
     with timed("built reciprocal graph"):
         adjacency = reciprocal_graph(ids, sims, gamma)
     report = {
         "convention": {"k": k, "count_self": count_self, "other_neighbours_per_item": int(ids.shape[1]),
                        "gamma": gamma},
         **graph_report(adjacency),
-        "search": {"method": method, "recall_sample": 0, "recall_at_k": None},
+        "search": {"method": method, "device": searched_on, "recall_sample": 0, "recall_at_k": None},
     }
     if method != "exact" and recall_sample:
         sample = np.sort(np.random.default_rng(seed).choice(n, size=min(recall_sample, n), replace=False))
         with timed("measured recall"):
-            report["search"] = {"method": method, "recall_sample": len(sample),
-                                "recall_at_k": search_recall(features, ids, sample)}
+            report["search"].update(recall_sample=len(sample), recall_at_k=search_recall(features, ids, sample))
         log.info("recall@%d of %s search: %.4f", ids.shape[1], method, report["search"]["recall_at_k"])
     out_dir = Path(out_dir)
     with timed("wrote graph"):

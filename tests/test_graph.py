@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from mom import graph as graph_module
 from mom.errors import InputError
-from mom.graph import (SearchSettings, graph_report, knn_search, neighbours_of, reciprocal_graph,
-                       search_recall)
+from mom.graph import (SearchSettings, graph_report, knn_search, method_device, neighbours_of, reciprocal_graph,
+                       resolve_search_device, search_recall, visible_gpus)
 
 
 def random_features(n=200, dim=16, seed=0):
@@ -127,3 +128,86 @@ def test_report_counts_components_and_isolated_nodes():
     assert report["isolated_nodes"] == 1
     assert report["components"] == {"count": 3, "count_without_isolated": 2, "largest": 3, "largest_fraction": 0.5}
     assert report["degree"]["max"] == 2 and report["degree"]["min"] == 0
+
+
+@pytest.mark.parametrize("requested,gpus,expected", [
+    ("cpu", 0, "cpu"), ("cpu", 2, "cpu"), ("auto", 0, "cpu"), ("auto", 1, "cuda"), ("cuda", 4, "cuda"),
+])
+def test_search_device_resolution(requested, gpus, expected):
+    assert resolve_search_device(requested, gpus) == expected
+
+
+@pytest.mark.parametrize("requested,gpus,message", [
+    ("cuda", 0, "device: cuda needs the GPU build of faiss"),
+    ("gpu", 2, "device: 'gpu' is not one of cpu, cuda, auto"),
+])
+def test_search_device_errors_name_the_option(requested, gpus, message):
+    with pytest.raises(InputError, match=message):
+        resolve_search_device(requested, gpus)
+
+
+def test_visible_gpus_is_zero_without_the_gpu_build(monkeypatch):
+    monkeypatch.setattr(graph_module.faiss, "get_num_gpus", lambda: 3, raising=False)
+    assert visible_gpus() == 3
+    monkeypatch.delattr(graph_module.faiss, "get_num_gpus")
+    assert visible_gpus() == 0
+
+
+def test_hnsw_stays_on_the_cpu():
+    assert method_device("hnsw", "cuda") == "cpu"
+    assert method_device("exact", "cuda") == method_device("ivf", "cuda") == "cuda"
+    assert method_device("exact", "cpu") == "cpu"
+
+
+@pytest.fixture
+def gpu_copy_is_identity(monkeypatch):
+    """faiss's CPU-to-GPU copy replaced by the identity: runs the plumbing of the
+    cuda path (which index, blocks, nprobe, ordering) on the CPU. It does not test
+    faiss on a GPU: no GPU here. Returns what was "copied" and the GPU parameters set."""
+    copied = []
+
+    def copy(index):
+        copied.append(type(index).__name__)
+        return index
+
+    class ParameterSpace:
+        def set_index_parameter(self, index, name, value):
+            copied.append((name, value))
+            graph_module.faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+    monkeypatch.setattr(graph_module.faiss, "index_cpu_to_all_gpus", copy, raising=False)
+    monkeypatch.setattr(graph_module.faiss, "GpuParameterSpace", ParameterSpace, raising=False)
+    return copied
+
+
+def test_the_cuda_path_of_exact_search_gives_the_cpu_neighbours(gpu_copy_is_identity):
+    features = random_features(500, 8, seed=2)
+    features[[3, 4, 5]] = features[3]  # ties: ordered by id on either path
+    settings = SearchSettings(method="exact", batch_size=128)
+    cpu_ids, cpu_sims, _ = knn_search(features, 10, settings=settings)
+    ids, sims, method = knn_search(features, 10, settings=SearchSettings(method="exact", batch_size=128, device="cuda"))
+    assert method == "exact" and gpu_copy_is_identity == ["IndexFlatIP"]
+    np.testing.assert_array_equal(ids, cpu_ids)
+    np.testing.assert_allclose(sims, cpu_sims, atol=1e-6)
+
+
+def test_the_cuda_path_of_ivf_moves_the_trained_index_and_keeps_nprobe(gpu_copy_is_identity):
+    features = random_features(2000, 8, seed=1)
+    common = dict(method="ivf", ivf_nlist=16, ivf_nprobe=8)
+    cpu_ids, _, _ = knn_search(features, 10, settings=SearchSettings(**common))
+    ids, _, _ = knn_search(features, 10, settings=SearchSettings(**common, device="cuda"))
+    assert gpu_copy_is_identity == ["IndexIVFFlat", ("nprobe", 8)]
+    np.testing.assert_array_equal(ids, cpu_ids)
+
+
+def test_hnsw_with_device_cuda_is_not_copied(gpu_copy_is_identity):
+    features = random_features(300, 8)
+    _, _, method = knn_search(features, 10, settings=SearchSettings(method="hnsw", device="cuda"))
+    assert method == "hnsw" and gpu_copy_is_identity == []
+
+
+def test_gpu_search_refuses_more_neighbours_than_faiss_returns(gpu_copy_is_identity, monkeypatch):
+    monkeypatch.setattr(graph_module, "GPU_MAX_K", 8)
+    with pytest.raises(InputError, match="k=10: faiss searches at most 8"):
+        knn_search(random_features(50), 10, settings=SearchSettings(method="exact", device="cuda"))
+    knn_search(random_features(50), 10, settings=SearchSettings(method="hnsw", device="cuda"))  # HNSW: CPU

@@ -124,3 +124,26 @@ def test_graph_stage_reports_recall_of_approximate_search(collection, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["search"]["method"] == "hnsw" and report["search"]["recall_sample"] == 50
     assert 0.9 <= report["search"]["recall_at_k"] <= 1
+
+
+def test_graph_device_cuda_without_a_gpu_is_one_line(collection, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_stage.faiss, "get_num_gpus", lambda: 0, raising=False)
+    root, _ = collection
+    result = CliRunner().invoke(graph_stage.main, [str(arg) for arg in ["--device", "cuda", "--features",
+                                                   root / "features.npy", "--out-dir", tmp_path / "graph"]])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graph: error: device: cuda needs the GPU build of faiss"), lines
+    assert not (tmp_path / "graph").exists()
+
+
+def test_graph_device_auto_without_a_gpu_writes_the_cpu_bytes(collection, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_stage.faiss, "get_num_gpus", lambda: 0, raising=False)
+    root, _ = collection
+    for device in ("cpu", "auto"):
+        result = run(graph_stage, ["--k", 10, "--device", device, "--features", root / "features.npy",
+                                   "--out-dir", tmp_path / device])
+        assert result.exit_code == 0, result.output
+    for name in ("adjacency.npz", "knn.parquet", "report.json"):
+        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "auto" / name).read_bytes(), name
+    assert json.loads((tmp_path / "auto/report.json").read_text())["search"]["device"] == "cpu"

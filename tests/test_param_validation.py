@@ -112,6 +112,7 @@ CASES = [
     case("graph.threads", "--threads", -1),
     case("graph.seed", "--seed", "zero"),
     case("graph.seed", "--seed", -1),
+    case("graph.device", "--device", "gpu"),
 
     case("anchors.strategy", "--strategy", "best"),
     case("anchors.count", "--count", 0),
