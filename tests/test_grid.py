@@ -14,12 +14,15 @@ from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, make_project
 
 GRID_FILE = "ablations/dvc.yaml"
 GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "grid_proxy")
+ANCHOR_STAGES = ("grid_anchors", "grid_diffuse")
 MAIN_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 # The root stages whose outputs the grid reads (built or skipped as root stages).
 UPSTREAM = ("prepare", "extract", "graph", "anchors", "diffuse")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 ROWS = PARAMS["grid"]["rows"]
 SEEDS = PARAMS["grid"]["seeds"]
+ANCHOR_SETS = PARAMS["grid"]["anchor_sets"]
+ROOT_ANCHORS = {"anchors": "data/anchors", "diffuse": "data/diffuse"}
 # The paper's Table 1 rows: (positives, negatives, weighted loss).
 TABLE_1 = {("euclidean", "random", False), ("manifold", "random", False), ("euclidean", "manifold", False),
            ("manifold", "manifold", False), ("manifold", "manifold", True)}
@@ -59,12 +62,34 @@ def parsed(command, argv: list[str]) -> dict:
     return command.make_context(argv[2], list(argv[3:])).params
 
 
+def anchor_set_of(row: dict) -> str | None:
+    """The grid anchor set a row trains on (None: the root pipeline's anchors)."""
+    if {key: row[key] for key in ROOT_ANCHORS} == ROOT_ANCHORS:
+        return None
+    name = row["anchors"].split("/")[-2]
+    assert row["anchors"] == f"data/grid_anchors/{name}/anchors"
+    assert row["diffuse"] == f"data/grid_anchors/{name}/diffuse"
+    return name
+
+
 def test_params_grid_is_the_papers_table_1():
-    assert {(r["mine"]["positives"], r["mine"]["negatives"], r["finetune"]["weighted"]) for r in ROWS} == TABLE_1
+    fine_grained = [row for row in ROWS if anchor_set_of(row) is None]
+    assert {(r["mine"]["positives"], r["mine"]["negatives"], r["finetune"]["weighted"]) for r in fine_grained} == TABLE_1
     assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
     for row in ROWS:
         weighted = "_weighted" if row["finetune"]["weighted"] else ""
-        assert row["name"] == f"pos-{row['mine']['positives']}_neg-{row['mine']['negatives']}{weighted}"
+        anchors = "" if anchor_set_of(row) is None else f"anchors-{anchor_set_of(row)}_"
+        assert row["name"] == f"{anchors}pos-{row['mine']['positives']}_neg-{row['mine']['negatives']}{weighted}"
+
+
+def test_the_anchor_axis_compares_stationary_and_random_anchors_of_one_size_on_one_recipe():
+    assert {name: spec["strategy"] for name, spec in ANCHOR_SETS.items()} == {"stationary": "stationary",
+                                                                             "random": "random"}
+    assert len({spec["count"] for spec in ANCHOR_SETS.values()}) == 1
+    axis = [row for row in ROWS if anchor_set_of(row) is not None]
+    assert sorted(anchor_set_of(row) for row in axis) == sorted(ANCHOR_SETS)
+    recipes = [{key: row[key] for key in ("mine", "finetune")} for row in axis]
+    assert all(recipe == recipes[0] for recipe in recipes)
 
 
 def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
@@ -78,6 +103,9 @@ def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
         for r, row in enumerate(ROWS):
             for seed in SEEDS:
                 assert listed[f"{stage}@row{r}-{seed}"].startswith(f"{row['name']}_seed-{seed}:")
+    for stage in ANCHOR_STAGES:
+        assert sorted(name for name in listed if name.startswith(f"{stage}@")) == sorted(
+            f"{stage}@{name}" for name in ANCHOR_SETS)
     assert "report" in listed and "pool_figure" in listed
 
 
@@ -88,7 +116,7 @@ def test_bare_repro_runs_the_main_pipeline_only_and_the_grid_reuses_its_outputs(
     assert sorted(rendered_commands(project)) == sorted(MAIN_STAGES)
     # the grid's upstream are the root stages themselves (no prefix), and only those it reads
     grid_run = rendered_commands(project, GRID_FILE)
-    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *GRID_STAGES, "report", "pool_figure"}
+    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES, "report", "pool_figure"}
     # one file for every knob: the grid reads the root params.yaml (no ablations/params.yaml)
     assert not (project / "ablations" / "params.yaml").exists()
 
@@ -106,14 +134,18 @@ def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
             assert (mined["positives"], mined["negatives"], mined["seed"]) == (
                 row["mine"]["positives"], row["mine"]["negatives"], seed)
             assert mined["out_dir"] == f"{folder}/mine"
+            assert (mined["anchors_path"], mined["manifold_path"]) == (
+                f"{row['anchors']}/anchors.parquet", f"{row['diffuse']}/manifold_knn.parquet")
             tuned = parsed(finetune.main, commands[f"grid_finetune@row{r}-{seed}"])
             assert (tuned["weighted"], tuned["seed"]) == (row["finetune"]["weighted"], seed)
             assert str(tuned["pools_path"]) == f"{folder}/mine/pools.parquet"
             assert str(tuned["out_dir"]) == f"{folder}/finetune"
             assert str(tuned["checkpoint_dir"]) == f"checkpoints/grid/{cell}"
+            assert str(tuned["anchors_path"]) == f"{row['anchors']}/anchors.parquet"
             whitened = parsed(whiten.main, commands[f"grid_whiten@row{r}-{seed}"])
             assert str(whitened["model_path"]) == f"{folder}/finetune/model.pt"
             assert str(whitened["out_dir"]) == f"{folder}/whiten"
+            assert str(whitened["knn_path"]) == f"{row['diffuse']}/manifold_knn.parquet"
             evaluated = parsed(evaluate.main, commands[f"grid_evaluate@row{r}-{seed}"])
             assert str(evaluated["model_path"]) == f"{folder}/finetune/model.pt"
             assert str(evaluated["whitening_path"]) == f"{folder}/whiten/whitening.npz"
@@ -136,11 +168,11 @@ def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
 def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     project = make_project(tmp_path)
     first = ROWS[0]["name"]
-    set_params(project, grid={"rows": ROWS[:1], "seeds": [0]},
+    set_params(project, grid={"rows": ROWS[:1], "seeds": [0], "anchor_sets": {"random": {"strategy": "random", "count": 5}}},
                pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
     ran = ran_stages(dvc(project, "repro", GRID_FILE))
-    assert sorted(ran) == sorted([*UPSTREAM, *(f"{stage}@row0-0" for stage in GRID_STAGES), "report",
-                                  "pool_figure"]), ran
+    assert sorted(ran) == sorted([*UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
+                                  *(f"{stage}@row0-0" for stage in GRID_STAGES), "report", "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
     assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
     assert "proxy mAP strong" in table and "P+ purity" in table
