@@ -124,7 +124,7 @@ class _Exploit:
 
 def test_a_ground_truth_pickle_that_runs_code_is_refused(tmp_path):
     _make_revisited(tmp_path / "e", gnd=[_Exploit(), _Exploit()])
-    with pytest.raises(InputError, match="refusing to load"):
+    with pytest.raises(InputError, match=r"gnd_roxford5k.pkl: refusing (STACK_)?GLOBAL at byte \d+: global posix.system"):
         prepare_revisited(tmp_path / "e", "roxford5k")
 
 
