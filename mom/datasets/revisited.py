@@ -35,7 +35,7 @@ from mom.errors import InputError
 NAMES = ("roxford5k", "rparis6k")
 FULL_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
 LEVELS = ("easy", "hard", "junk")
-GROUND_TRUTH_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+GROUND_TRUTH_URL = "https://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 IMAGE_ARCHIVES = {
     "roxford5k": ["https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images.tgz"],
     "rparis6k": [
