@@ -25,7 +25,7 @@ other global, a constructor call, BUILD on anything but those forms, SETITEM
 on an array, sets, persistent ids, out-of-band buffers, data after STOP) is an
 :class:`~mom.errors.InputError` naming the file, the opcode and its byte
 position. Limits (also one-line errors): the file size, the decoded size,
-nesting depth and the number of values, see the constants below. A container
+nesting depth, the number of values and of containers, see the constants below. A container
 that already sits inside another one cannot be changed any more, so values
 never refer to themselves (no cycles).
 """
@@ -48,7 +48,8 @@ MAX_DECODED_BYTES = 1 << 30  # hard cap on the bytes of decoded strings, bytes a
 DECODED_BYTES_PER_FILE_BYTE = 4  # and at most this many per byte of the file (plus DECODED_SLACK)
 DECODED_SLACK = 1 << 16
 MAX_DEPTH = 100  # nested containers (and open MARKs)
-MAX_VALUES = 5_000_000  # values pushed, stored in containers or memoized, all together
+MAX_VALUES = 2_000_000  # values pushed, stored in containers or memoized, all together
+MAX_CONTAINERS = 200_000  # lists, dicts, tuples and arrays built
 MAX_NUMBER_TEXT = 1000  # characters of a text-encoded number (INT, LONG, FLOAT)
 MAX_ARRAY_DIMS = 32
 HIGHEST_PROTOCOL = 5
@@ -166,6 +167,7 @@ class _Decoder:
         self.memo: dict[int, object] = {}
         self.containers: dict[int, _Container] = {}
         self.values = 0
+        self.built = 0
         self.decoded = 0
         self.budget = min(MAX_DECODED_BYTES, DECODED_BYTES_PER_FILE_BYTE * len(data) + DECODED_SLACK)
         self.opcode = "start"
@@ -215,6 +217,11 @@ class _Decoder:
         if self.values > MAX_VALUES:
             raise _Refused(f"more than {MAX_VALUES:,} values")
 
+    def count_container(self) -> None:
+        self.built += 1
+        if self.built > MAX_CONTAINERS:
+            raise _Refused(f"more than {MAX_CONTAINERS:,} lists, dicts, tuples and arrays")
+
     def spend(self, n_bytes: int) -> None:
         self.decoded += n_bytes
         if self.decoded > self.budget:
@@ -254,6 +261,7 @@ class _Decoder:
     # -- containers ----------------------------------------------------------
 
     def new_container(self, value, items=(), plain: bool = True):
+        self.count_container()
         depth = 1 + max((self.depth_of(item) for item in items), default=0)
         if depth > MAX_DEPTH:
             raise _Refused(f"containers nested deeper than {MAX_DEPTH}")
@@ -524,6 +532,7 @@ class _Decoder:
         if len(data) != expected:
             raise _Refused(f"array data has {len(data)} bytes; shape {shape} of {dtype} needs exactly {expected}")
         self.spend(expected)
+        self.count_container()
         flat = np.frombuffer(data, dtype=dtype) if expected else np.zeros(0, dtype)
         if dtype.kind == "b" and flat.view(np.uint8).max(initial=0) > 1:
             raise _Refused("bool array data holds bytes other than 0 and 1")

@@ -164,6 +164,9 @@ def test_limits_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(safe_pickle, "MAX_VALUES", 1000)
     with pytest.raises(InputError, match=r"refusing \w+ at byte \d+: more than 1,000 values"):
         safe_pickle.loads(pickle.dumps(list(range(2000)), protocol=2))
+    monkeypatch.setattr(safe_pickle, "MAX_CONTAINERS", 50)
+    with pytest.raises(InputError, match=r"refusing EMPTY_LIST at byte 102: more than 50 lists, dicts, tuples and arrays"):
+        safe_pickle.loads(b"\x80\x02" + b"]0" * 51 + b"].")
     monkeypatch.setattr(safe_pickle, "MAX_FILE_BYTES", 100)
     with pytest.raises(InputError, match=r"crafted.pkl: 101 bytes; pickled data files are read up to 100"):
         safe_pickle.loads(b"N" * 100 + b".", where="crafted.pkl")
