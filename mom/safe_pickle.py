@@ -167,7 +167,7 @@ class _Decoder:
         self.memo: dict[int, object] = {}
         self.containers: dict[int, _Container] = {}
         self.values = 0
-        self.built = 0
+        self.containers_built = 0
         self.decoded = 0
         self.budget = min(MAX_DECODED_BYTES, DECODED_BYTES_PER_FILE_BYTE * len(data) + DECODED_SLACK)
         self.opcode = "start"
@@ -218,8 +218,8 @@ class _Decoder:
             raise _Refused(f"more than {MAX_VALUES:,} values")
 
     def count_container(self) -> None:
-        self.built += 1
-        if self.built > MAX_CONTAINERS:
+        self.containers_built += 1
+        if self.containers_built > MAX_CONTAINERS:
             raise _Refused(f"more than {MAX_CONTAINERS:,} lists, dicts, tuples and arrays")
 
     def spend(self, n_bytes: int) -> None:

@@ -186,6 +186,19 @@ def amplified_array(copies: int) -> bytes:
     return data[:-1] + (b"h" + bytes([function]) + b"h" + bytes([args]) + b"R") * copies + b"l."
 
 
+def test_array_contents_are_checked_against_their_dtype_and_shape():
+    bools = bytearray(pickle.dumps(np.array([True, False]), protocol=5))
+    start = bools.index(b"\x96") + 9  # BYTEARRAY8, 8 length bytes, then the data
+    bools[start:start + 2] = b"\x02\x00"
+    with pytest.raises(InputError, match=r"refusing REDUCE at byte \d+: bool array data holds bytes other than 0 and 1"):
+        safe_pickle.loads(bytes(bools))
+    with pytest.raises(InputError, match=r"an array shape must be a tuple of at most 32 sizes"):
+        safe_pickle.loads(pickle.dumps(np.zeros((1,) * 33, np.uint8), protocol=5))
+    short = pickle.dumps(np.arange(3, dtype=np.int64), protocol=3).replace(b"C\x18", b"C\x10", 1)
+    with pytest.raises(InputError, match=r"array data has 16 bytes; shape \(3,\) of int64 needs exactly 24"):
+        safe_pickle.loads(short[:short.index(b"C\x10") + 2 + 16] + short[short.index(b"C\x10") + 2 + 24:])
+
+
 def test_the_decoded_size_is_bounded_by_the_file_size():
     assert same(safe_pickle.loads(amplified_array(0)[:-2] + b"."), np.zeros(1 << 16, np.uint8))
     with pytest.raises(InputError, match=r"refusing REDUCE at byte \d+: decoded data would exceed [\d,]+ bytes "
