@@ -6,7 +6,10 @@ at one seed; its name is ``<row>_seed-<seed>``. Each cell contributes the
 present, the ``proxy_retrieval`` stage's mAP per augmentation level (the
 stand-in for the paper's Oxford5k column). This
 module builds the table (mean and sample standard deviation over seeds, the
-initial features as the first row) and renders it as Markdown and as a PNG.
+initial features as the first row, the untrained start of fine-tuning as the
+second when given) and renders it as Markdown and as a PNG. Every metric is
+reported for both evaluations: ``new_images`` (new images of the collection's
+classes) and ``new_classes`` (unseen classes).
 Which cells exist is the caller's decision (the params), never a folder scan.
 """
 from __future__ import annotations
@@ -20,7 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 INITIAL_ROW = "initial features"
-# (column key, header) of the fine-grained metrics, in table order.
+START_ROW = "untrained start"
+# The two evaluations (held-out splits) and their column prefixes, in table order.
+EVALUATIONS = (("new_images", "new images"), ("new_classes", "new classes"))
+# (metric key, header) of the fine-grained metrics, in table order.
 FINE_GRAINED = (("recall_at_1", "R@1"), ("nmi", "NMI"))
 PURITY = (("positive_purity", "P+ purity"), ("negative_purity", "P- purity"))
 
@@ -41,12 +47,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell_metrics(evaluation: dict, version: str) -> dict[str, float]:
-    """Flat metrics of one ``evaluate`` report for ``version`` (initial or finetuned):
-    Recall@1 and NMI of the test split, mAP per retrieval protocol when present."""
+    """Flat metrics of one ``evaluate`` report for ``version`` (initial, start or
+    finetuned): Recall@1 and NMI of each evaluation split (``new_images_recall_at_1``,
+    ...), mAP per retrieval protocol when present."""
     flat = {}
-    test = evaluation.get("test", {}).get(version)
-    if test:
-        flat.update({key: float(test[key]) for key, _ in FINE_GRAINED if key in test})
+    for split, _ in EVALUATIONS:
+        section = evaluation.get(split, {}).get(version)
+        if section:
+            flat.update({f"{split}_{key}": float(section[key]) for key, _ in FINE_GRAINED if key in section})
     retrieval = evaluation.get("retrieval", {}).get(version)
     if retrieval:
         flat.update({f"map_{protocol}": float(entry["map"]) for protocol, entry in retrieval.items()})
@@ -54,16 +62,18 @@ def cell_metrics(evaluation: dict, version: str) -> dict[str, float]:
 
 
 def proxy_metrics(proxy: dict, version: str) -> dict[str, float]:
-    """Proxy retrieval mAP per level: the ``initial`` network, or for ``finetuned``
-    the fine-tuned descriptors after the cell's whitening when it was applied."""
+    """Proxy retrieval mAP per evaluation split and level (``proxy_map_new_images_mild``,
+    ...): the ``initial`` network, or for ``finetuned`` the fine-tuned descriptors
+    after the cell's whitening when it was applied."""
     flat = {}
-    for level, entry in proxy.get("levels", {}).items():
-        if version == "initial":
-            chosen = entry.get("initial")
-        else:
-            chosen = entry.get("finetuned_whitened", entry.get("finetuned"))
-        if chosen is not None:
-            flat[f"proxy_map_{level}"] = float(chosen["map"])
+    for split, _ in EVALUATIONS:
+        for level, entry in proxy.get(split, {}).get("levels", {}).items():
+            if version == "initial":
+                chosen = entry.get("initial")
+            else:
+                chosen = entry.get("finetuned_whitened", entry.get("finetuned"))
+            if chosen is not None:
+                flat[f"proxy_map_{split}_{level}"] = float(chosen["map"])
     return flat
 
 
@@ -93,9 +103,12 @@ class Table:
 
 
 def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
-                purities: dict[str, dict] | None = None, proxies: dict[str, dict] | None = None) -> Table:
-    """Table 1: the initial features first, then one row per grid row, each value
-    the mean and std over ``seeds`` of the cells ``cell_name(row, seed)``.
+                purities: dict[str, dict] | None = None, proxies: dict[str, dict] | None = None,
+                start: dict | None = None) -> Table:
+    """Table 1: the initial features first, then (when ``start``, an ``evaluate``
+    report with a ``start`` section, is given) the untrained start of
+    fine-tuning, then one row per grid row, each value the mean and std over
+    ``seeds`` of the cells ``cell_name(row, seed)``.
 
     ``evaluations`` (and ``purities``, ``proxies``) map cell names to the stage reports; keys
     of other cells are ignored. A metric appears as a column only when every
@@ -115,6 +128,8 @@ def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
     keys = [key for key in _ordered_keys(finetuned.values()) if all(key in m for m in finetuned.values())]
     table = Table(columns=[(key, _header(key)) for key in keys], rows=[])
     table.rows.append(_row(INITIAL_ROW, list(seeds), [initial[c] for c in cells], keys))
+    if start is not None:
+        table.rows.append(_row(START_ROW, [], [cell_metrics(start, "start")], keys))
     for row in rows:
         table.rows.append(_row(row, list(seeds), [finetuned[cell_name(row, seed)] for seed in seeds], keys))
     return table
@@ -124,16 +139,23 @@ def _ordered_keys(metric_dicts) -> list[str]:
     keys = []
     for metrics in metric_dicts:
         keys += [key for key in metrics if key not in keys]
-    order = ([key for key, _ in FINE_GRAINED] + sorted(k for k in keys if k.startswith("map_"))
-             + sorted(k for k in keys if k.startswith("proxy_map_")) + [k for k, _ in PURITY])
+    order = ([f"{split}_{key}" for split, _ in EVALUATIONS for key, _ in FINE_GRAINED]
+             + sorted(k for k in keys if k.startswith("map_"))
+             + [k for split, _ in EVALUATIONS for k in sorted(keys) if k.startswith(f"proxy_map_{split}_")]
+             + [k for k, _ in PURITY])
     return [key for key in order if key in keys]
 
 
 def _header(key: str) -> str:
-    names = dict(FINE_GRAINED + PURITY)
-    if key.startswith("proxy_map_"):
-        return f"proxy mAP {key[len('proxy_map_'):]}"
-    return names.get(key, f"mAP {key[4:]}" if key.startswith("map_") else key)
+    metric_names = dict(FINE_GRAINED)
+    for split, name in EVALUATIONS:
+        if key.startswith(f"{split}_"):
+            return f"{name} {metric_names[key[len(split) + 1:]]}"
+        if key.startswith(f"proxy_map_{split}_"):
+            return f"{name} proxy mAP {key[len(f'proxy_map_{split}_'):]}"
+    if key.startswith("map_"):
+        return f"mAP {key[4:]}"
+    return dict(PURITY).get(key, key)
 
 
 def _row(name: str, seeds: list[int], metric_dicts: list[dict], keys: list[str]) -> TableRow:
@@ -152,13 +174,18 @@ def format_value(value: tuple[float, float] | None) -> str:
     return f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
 
 
+def _body(table: Table) -> list[list[str]]:
+    """The table's cells as text: row name, number of seeds (— for a row that
+    does not depend on the seed), then each column's ``mean ± std``."""
+    return [[row.name, str(len(row.seeds)) if row.seeds else "—",
+             *[format_value(row.values.get(key)) for key, _ in table.columns]] for row in table.rows]
+
+
 def to_markdown(table: Table, title: str = "") -> str:
     header = ["row", "seeds", *[name for _, name in table.columns]]
     lines = [title, ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
-    for row in table.rows:
-        cells = [row.name, str(len(row.seeds)), *[format_value(row.values.get(key)) for key, _ in table.columns]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in _body(table)]
     return "\n".join(lines) + "\n"
 
 
@@ -172,8 +199,7 @@ def to_dict(table: Table) -> dict:
 def to_figure(table: Table, title: str = ""):
     """The table drawn as a matplotlib figure (for a PNG)."""
     header = ["row", "seeds", *[name for _, name in table.columns]]
-    body = [[row.name, str(len(row.seeds)), *[format_value(row.values.get(key)) for key, _ in table.columns]]
-            for row in table.rows]
+    body = _body(table)
     figure, axis = plt.subplots(figsize=(2.2 + 1.5 * len(header), 0.5 + 0.35 * (len(body) + 1)))
     axis.axis("off")
     drawn = axis.table(cellText=body, colLabels=header, loc="center", cellLoc="center")

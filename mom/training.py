@@ -312,12 +312,17 @@ def split_for_finetuning(net: torch.nn.Module, trainable_blocks: int | None):
     return prefix, NetworkSuffix(net, start)
 
 
+HEAD_INITS = ("pca", "pca_whiten", "random")
+
+
 @torch.no_grad()
-def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int) -> float:
+def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int, whiten: bool = False) -> float:
     """Set the FC head to the PCA projection of the pooled training descriptors
     (unsupervised): ``W = V_d^T``, ``b = -V_d^T mean``, so the untrained network
-    outputs ``l2n(PCA_d(descriptor))`` instead of a random projection. Returns
-    the fraction of the descriptors' variance the kept components explain."""
+    outputs ``l2n(PCA_d(descriptor))`` instead of a random projection. With
+    ``whiten`` the rows are also scaled by ``1 / sqrt(eigenvalue)`` (PCA
+    whitening, docs/method.md section 7). Returns the fraction of the
+    descriptors' variance the kept components explain."""
     net = suffix.net
     if net.head is None:
         raise ValueError("the network has no FC head to initialize")
@@ -342,6 +347,9 @@ def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int) -
     # sign convention: largest-magnitude entry positive (deterministic)
     signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))
     components = components * torch.where(signs == 0, 1.0, signs)
+    if whiten:
+        kept = eigenvalues[order]
+        components = components / kept.clamp_min(kept[0] * 1e-9).sqrt().unsqueeze(1)
     net.head.weight.copy_(components.float())
     net.head.bias.copy_(-(components @ mean).float())
     return float(eigenvalues[order].sum() / eigenvalues.clamp_min(0).sum())

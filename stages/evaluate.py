@@ -1,17 +1,25 @@
 """Stage ``evaluate``: the initial features and the fine-tuned network, side by side
 (method.md section 8).
 
-Fine-grained protocol (the ``test`` split, held-out classes, labels used here
-only): Recall@K and NMI of k-means, for the initial features
-(``<features>/test.npy``) and for the fine-tuned network (``--model``, test
-images embedded at ``scales``, then ``--whitening`` applied).
+Two evaluations of the embedding, each on a held-out split that nothing was
+chosen on (labels used here only):
+
+- ``new_images``: new images of the collection's own classes (the case the
+  method exists for: a better embedding of the collection's domain);
+- ``new_classes``: classes the collection does not contain (the zero-shot
+  protocol of CUB-200-2011 in the paper).
+
+Each reports Recall@K and NMI of k-means for the initial features
+(``<features>/<split>.npy``), the untrained start of fine-tuning (``--start``:
+the network before its first step, head initialized) and the fine-tuned network
+(``--model``, images embedded at ``scales``, then ``--whitening`` applied).
 Retrieval protocol (when ``<prepared>/ground_truth.parquet`` and the ``query``
 and ``database`` splits exist): mAP and mP@k per protocol whose levels the
 ground truth uses (revisited Easy/Medium/Hard, classic, positive), junk ignored.
 
 Writes ``--metrics`` (JSON, DVC metrics) and PNG figures in ``--plots-dir``:
-``recall_at_k.png`` (initial vs fine-tuned) and ``training.png`` (the
-fine-tuning log's curves).
+``recall_at_k.png`` (one panel per evaluation: initial, untrained start,
+fine-tuned) and ``training.png`` (the fine-tuning log's curves).
 """
 from __future__ import annotations
 
@@ -25,15 +33,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
 from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
-from mom.imagestore import ImageStore  # noqa: E402
+from mom.imagestore import MANIFEST_NAME, ImageStore  # noqa: E402
 from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
 
 log = logging.getLogger("mom")
 
 GROUND_TRUTH = "ground_truth.parquet"
+EVALUATIONS = {  # split -> what it measures (figure titles, logs)
+    "new_images": "new images of the collection's classes",
+    "new_classes": "unseen classes",
+}
+EMBEDDINGS = {"initial": ("initial features", "o"), "start": ("untrained start", "^"), "finetuned": ("fine-tuned", "s")}
 
 
 def fine_grained_metrics(embeddings: np.ndarray, labels: np.ndarray, ks, seed: int, n_init: int) -> dict:
@@ -71,17 +85,21 @@ def read_log(path: Path) -> list[dict]:
                 for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def recall_figure(ks, initial: dict, finetuned: dict):
-    figure, axis = plt.subplots(figsize=(4.5, 3.2))
-    for label, values, marker in (("initial", initial, "o"), ("fine-tuned", finetuned, "s")):
-        axis.plot(ks, [100 * values[f"recall_at_{k}"] for k in ks], marker=marker, label=label)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ks, [str(k) for k in ks])
-    axis.set_xlabel("K")
-    axis.set_ylabel("Recall@K (%)")
-    axis.set_title("test classes")
-    axis.grid(alpha=0.3)
-    axis.legend()
+def recall_figure(ks, sections: dict[str, dict]):
+    """One panel per evaluation: Recall@K of every embedding it reports."""
+    figure, axes = plt.subplots(1, len(sections), figsize=(4.5 * len(sections), 3.4), squeeze=False, sharey=True)
+    for axis, (split, section) in zip(axes[0], sections.items()):
+        for name, (label, marker) in EMBEDDINGS.items():
+            if name in section:
+                axis.plot(ks, [100 * section[name][f"recall_at_{k}"] for k in ks], marker=marker, label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ks, [str(k) for k in ks])
+        axis.set_xlabel("K")
+        axis.set_title(f"{EVALUATIONS[split]}\n({split}, {section['items']} images)", fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Recall@K (%)")
+    axes[0][-1].legend()
+    figure.tight_layout()
     return figure
 
 
@@ -102,7 +120,7 @@ def training_figure(rows: list[dict]):
 def embed(net, store, mean, projection, options) -> np.ndarray:
     raw = extraction.embed_store(net, store, scales=options["scales"], batch_size=options["batch_size"],
                                  aggregation=options["aggregation"])
-    return whitening.apply_whitening(raw, mean, projection)
+    return raw if projection is None else whitening.apply_whitening(raw, mean, projection)
 
 
 def load_initial(path: Path, n: int) -> np.ndarray:
@@ -116,6 +134,8 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 
 @click.command(cls=StageCommand)
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default="data/finetune/model.pt", show_default=True)
+@click.option("--start", "start_path", type=click.Path(path_type=Path), default="data/finetune/start.pt",
+              show_default=True, help="the untrained start of fine-tuning ('' = not evaluated)")
 @click.option("--whitening", "whitening_path", type=click.Path(path_type=Path), default="data/whiten/whitening.npz",
               show_default=True)
 @click.option("--prepared", type=click.Path(path_type=Path), default="data/prepared", show_default=True)
@@ -134,7 +154,7 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 @click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
 @stage_command("evaluate")
-def main(model_path, whitening_path, prepared, features_dir, log_path, metrics_path, plots_dir, **options):
+def main(model_path, start_path, whitening_path, prepared, features_dir, log_path, metrics_path, plots_dir, **options):
     ks = sorted(set(options["ks"]))
     require(ks and ks[0] >= 1, f"ks: need positive integers, got {list(options['ks'])}")
     require(options["kmeans_n_init"] >= 1, f"kmeans_n_init: must be >= 1, got {options['kmeans_n_init']}")
@@ -146,45 +166,75 @@ def main(model_path, whitening_path, prepared, features_dir, log_path, metrics_p
     mean, projection, method = whitening.load_whitening(whitening_path)
     require(projection.shape[1] == net.dim,
             f"{whitening_path}: learned for {projection.shape[1]}-d descriptors, the model gives {net.dim}-d")
+    start_net = load_start(start_path, net) if str(start_path) not in ("", ".") else None
 
-    result: dict = {"scales": options["scales"], "aggregation": options["aggregation"], "whitening": {"method": method, "dim": int(projection.shape[0])}}
-    test_dir = prepared / "test"
-    if (test_dir / "manifest.parquet").is_file() and len(test_store := ImageStore.open(test_dir)):
-        result["test"] = evaluate_fine_grained(test_store, features_dir / "test.npy", net, mean, projection, ks, options)
+    result: dict = {"scales": options["scales"], "aggregation": options["aggregation"],
+                    "whitening": {"method": method, "dim": int(projection.shape[0])}}
+    networks_to_score = {"finetuned": (net, mean, projection)}
+    if start_net is not None:  # before training there is no whitening learned for it
+        networks_to_score["start"] = (start_net, None, None)
+    for split in EVALUATIONS:
+        store = open_labeled(prepared / split)
+        if store is not None:
+            result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
+                                                  ks, options)
     ground_truth = prepared / GROUND_TRUTH
     if ground_truth.is_file():
         result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
-    require("test" in result or "retrieval" in result,
-            f"{prepared}: neither a labeled test split nor {GROUND_TRUTH}: nothing to evaluate")
+    require(any(key in result for key in (*EVALUATIONS, "retrieval")),
+            f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
     artifacts.save_json(metrics_path, result)
 
-    if "test" in result:
-        artifacts.save_figure(plots_dir / "recall_at_k.png",
-                              recall_figure(ks, result["test"]["initial"], result["test"]["finetuned"]))
+    sections = {split: result[split] for split in EVALUATIONS if split in result}
+    if sections:
+        artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
     rows = read_log(log_path)
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")
 
 
-def evaluate_fine_grained(store, initial_path, net, mean, projection, ks, options) -> dict:
+def load_start(path: Path, net) -> torch.nn.Module:
+    start_net, _ = networks.load_checkpoint(path)
+    require(start_net.meta == net.meta, f"{path}: the untrained start is not the fine-tuned model's architecture "
+            f"({start_net.meta} vs {net.meta})")
+    return start_net
+
+
+def open_labeled(folder: Path) -> ImageStore | None:
+    """The split's store when prepare wrote it with labels on every item, else ``None`` (logged)."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    store = ImageStore.open(folder)
+    if len(store) == 0:
+        return None
+    if (store.labels < 0).any():
+        log.info("%s: %d of %d items unlabeled: no Recall@K / NMI here", folder, int((store.labels < 0).sum()), len(store))
+        return None
+    classes = len(np.unique(store.labels))
+    if classes < 2:
+        log.info("%s: one class only: no Recall@K / NMI here", folder)
+        return None
+    return store
+
+
+def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, options) -> dict:
     labels = store.labels
-    require((labels >= 0).all(), f"{store.folder}: every test item needs a label for Recall@K / NMI")
     classes = len(np.unique(labels))
-    require(classes >= 2, f"{store.folder}: the test split has {classes} class; Recall@K/NMI need two or more")
     seed, n_init = options["kmeans_seed"], options["kmeans_n_init"]
     section = {"items": len(store), "classes": classes,
                "kmeans": metrics.kmeans_description(classes, seed, n_init)}
     initial = load_initial(initial_path, len(store))
-    with timed("initial features: Recall@K, NMI"):
+    with timed(f"{split}: initial features: Recall@K, NMI"):
         section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
-    with timed(f"embedded {len(store)} test items with the fine-tuned network"):
-        finetuned = embed(net, store, mean, projection, options)
-    with timed("fine-tuned: Recall@K, NMI"):
-        section["finetuned"] = fine_grained_metrics(finetuned, labels, ks, seed, n_init)
-    for name in ("initial", "finetuned"):
-        log.info("%s: %s", name, ", ".join(f"{k} {100 * v:.2f}" for k, v in section[name].items()))
-    return section
+    for name, (net, mean, projection) in networks_to_score.items():
+        with timed(f"{split}: embedded {len(store)} items with the {EMBEDDINGS[name][0]} network, Recall@K, NMI"):
+            section[name] = fine_grained_metrics(embed(net, store, mean, projection, options), labels, ks, seed, n_init)
+    for name in EMBEDDINGS:
+        if name in section:
+            log.info("%s, %s: %s", EVALUATIONS[split], EMBEDDINGS[name][0],
+                     ", ".join(f"{k} {100 * v:.2f}" for k, v in section[name].items()))
+    return {key: section[key] for key in ("items", "classes", "kmeans", *EMBEDDINGS) if key in section}
 
 
 def evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options) -> dict:

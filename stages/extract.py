@@ -1,12 +1,13 @@
 """Stage ``extract``: initial descriptors of every split with a pretrained CNN (method.md section 1).
 
-Reads ``<prepared>/{train,val,test}`` (image stores written by ``prepare``) and
-writes ``<out-dir>/{train,val,test}.npy`` (float32 ``(n, d)``, l2-normalized,
+Reads the image stores ``prepare`` wrote in ``<prepared>`` (``train``, ``val``,
+``new_images``, ``new_classes``, ``query``, ``database``) and writes
+``<out-dir>/<split>.npy`` for each (float32 ``(n, d)``, l2-normalized,
 row i = manifest item i; a split that ``prepare`` did not write gets an empty
 ``(0, d)`` array so the stage's outputs are always the same files) and
 ``<out-dir>/metrics.json`` (count, dimension, seconds, images/s per split and in
-total, and Recall@1/2/4/8 of the test split when it has labels: the "initial"
-row every later result must beat). Optional PCA-whitening is learned on the
+total, and Recall@1/2/4/8 of the labeled evaluation splits ``new_images`` and
+``new_classes``: the "initial" rows every later result must beat). Optional PCA-whitening is learned on the
 train split only and applied to every split.
 
 Runs unchanged under ``torchrun`` (:mod:`mom.distributed`): each rank embeds
@@ -41,7 +42,8 @@ from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
-SPLITS = ("train", "val", "test", "query", "database")  # query/database: retrieval benchmarks
+SPLITS = ("train", "val", "new_images", "new_classes", "query", "database")  # query/database: retrieval benchmarks
+EVALUATION_SPLITS = ("new_images", "new_classes")
 RECALL_KS = (1, 2, 4, 8)
 MAX_SCALE = 4096
 
@@ -91,7 +93,7 @@ def embed_split(net, store: ImageStore | None, split: str, options: dict,
 
 
 def labeled_recall(features: np.ndarray, store: ImageStore | None) -> dict[str, float] | None:
-    """Recall@K among the labeled test items (labels are for evaluation only)."""
+    """Recall@K among the labeled items of an evaluation split (labels are for evaluation only)."""
     if store is None:
         return None
     labeled = store.labels >= 0
@@ -133,7 +135,7 @@ def pca_whiten_all(features: dict[str, np.ndarray], dim: int) -> dict[str, np.nd
 @click.option("--out-dir", "out_dir", type=click.Path(path_type=Path), default=Path("data/features"), show_default=True)
 @stage_command("extract")
 def main(prepared: Path, out_dir: Path, **options) -> None:
-    """Embed the train/val/test image stores with a pretrained network."""
+    """Embed every split of the prepared image stores with a pretrained network."""
     validate(options)
     stores = open_splits(prepared)
     with distributed.session(options["device"]) as ctx:
@@ -159,13 +161,15 @@ def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, 
     metrics = summary(meta, options, timings)
     metrics["processes"] = ctx.world_size
     if options["pca_whiten"]:
-        metrics["test_before_whitening"] = labeled_recall(features["test"], stores["test"])
+        metrics["before_whitening"] = {split: labeled_recall(features[split], stores[split])
+                                       for split in EVALUATION_SPLITS}
         features = pca_whiten_all(features, options["pca_dim"])
     metrics["dim"] = int(features["train"].shape[1])
-    metrics["test"] = labeled_recall(features["test"], stores["test"])
-    if metrics["test"]:
-        log.info("initial Recall@K on test: %s",
-                 ", ".join(f"R@{key.split('_')[-1]} {100 * value:.2f}" for key, value in metrics["test"].items()))
+    for split in EVALUATION_SPLITS:
+        metrics[split] = labeled_recall(features[split], stores[split])
+        if metrics[split]:
+            log.info("initial Recall@K on %s: %s", split,
+                     ", ".join(f"R@{key.split('_')[-1]} {100 * value:.2f}" for key, value in metrics[split].items()))
 
     for split, array in features.items():
         artifacts.save_npy(out_dir / f"{split}.npy", array.astype(np.float32, copy=False))

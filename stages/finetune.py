@@ -3,7 +3,9 @@
 Reads the training images (``--train``), the pools of the ``mine`` stage
 (``--pools``) and the anchors (``--anchors``); optionally the validation split
 (``--val``, training classes' images, labels used only to log Recall@1).
-Writes ``<out-dir>/model.pt`` (``{"meta", "state_dict", "extra"}``: rebuilds
+Writes ``<out-dir>/start.pt`` (the network before its first step, head
+initialized: the "untrained start" that evaluate reports) and
+``<out-dir>/model.pt`` (``{"meta", "state_dict", "extra"}``: rebuilds
 with ``mom.networks.load_checkpoint``; ``extra["embedding"]`` holds the scales
 and aggregation at which whiten and evaluate embed images with it), ``<out-dir>/log.tsv`` (one row per epoch:
 DVC plots) and ``<out-dir>/summary.json``.
@@ -142,7 +144,8 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--trainable_blocks", type=TrainableBlocks(), default="2", show_default=True,
               help="Last trunk stages that train (the rest is frozen and cached), or 'all'.")
 @click.option("--head_init", default="pca", show_default=True,
-              help="FC head initialization: pca (PCA of the pooled training descriptors, unsupervised) | random")
+              help="FC head initialization: pca (PCA of the pooled training descriptors, unsupervised) | "
+                   "pca_whiten (the same, whitened) | random")
 @click.option("--image_size", type=int, default=64, show_default=True, help="Training input side in pixels.")
 @click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
               help="Longer image side(s) at which whiten/evaluate embed with this network (recorded in model.pt).")
@@ -180,7 +183,8 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     except ValueError as error:
         raise InputError(str(error)) from None
     require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
-    require(head_init in ("pca", "random"), f"head_init: must be pca or random, got {head_init!r}")
+    require(head_init in training.HEAD_INITS,
+            f"head_init: must be one of {', '.join(training.HEAD_INITS)}, got {head_init!r}")
     require(image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
     require(threads >= 0, f"threads: must be >= 0, got {threads}")
     require(len(scales) > 0 and min(scales) >= 16, f"scales: need one or more sizes >= 16 pixels, got {list(scales)}")
@@ -253,13 +257,17 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
                                        ctx.device)
 
     explained = None
-    if head_dim and head_init == "pca":
-        with timed("FC head initialized with the PCA of the pooled training descriptors"):
+    if head_dim and head_init.startswith("pca"):
+        with timed(f"FC head initialized with the {head_init} of the pooled training descriptors"):
             try:
-                explained = training.init_head_with_pca(suffix, train_inputs, batch_size_embed)
+                explained = training.init_head_with_pca(suffix, train_inputs, batch_size_embed,
+                                                        whiten=head_init == "pca_whiten")
             except ValueError as error:
                 raise InputError(f"head_init: {error} (or use --head_init random)") from None
         log.info("the %d components keep %.1f%% of the descriptors' variance", head_dim, 100 * explained)
+    embedding = {"scales": [int(scale) for scale in scales], "aggregation": aggregation}
+    if ctx.is_main:  # the untrained start, which evaluate reports beside the fine-tuned network
+        networks.save_checkpoint(out_dir / "start.pt", net, extra={"epochs": 0, "embedding": embedding})
     validation = None
     initial_val = None
     if val_store is not None and ctx.is_main:  # only rank 0 validates
@@ -274,7 +282,6 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
         distributed.barrier(ctx)  # rank 0 writes the outputs
         return
 
-    embedding = {"scales": [int(scale) for scale in scales], "aggregation": aggregation}
     networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding})
     write_log(out_dir / "log.tsv", history)
     artifacts.save_json(out_dir / "summary.json", {

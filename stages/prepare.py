@@ -1,8 +1,10 @@
 """Stage ``prepare``: read a dataset's released layout, write packed image stores.
 
 Writes ``<out-dir>/<split>/{manifest.parquet,pixels.npy}`` for every split of
-the source (``train``, ``val``, ``test``; retrieval benchmarks and a folder
-with ground truth also ``query`` and ``database``), ``<out-dir>/ground_truth.parquet``
+the source (``train``, ``val``, and the held-out evaluation splits
+``new_images`` — new images of the collection's classes — and ``new_classes``
+— classes the collection does not contain; retrieval benchmarks and a folder
+with ground truth ``query`` and ``database`` instead), ``<out-dir>/ground_truth.parquet``
 for retrieval benchmarks (query, database, relevance) and
 ``<out-dir>/report.json`` (counts per split and class, skipped files with the
 reason, the source's protocol notes).
@@ -48,7 +50,8 @@ RETRIEVAL_SOURCES = {
 SOURCES = ("fashion-mnist", "folder", *CATEGORY_SOURCES, *RETRIEVAL_SOURCES)
 # Split folders any source may write; those the chosen source does not write
 # are removed so a previous run's splits never linger beside the new ones.
-KNOWN_SPLITS = ("train", "val", "test", "query", "database")
+KNOWN_SPLITS = ("train", "val", "new_images", "new_classes", "query", "database")
+STALE_SPLITS = ("test",)  # written by earlier versions; removed so no old split lingers
 GROUND_TRUTH = "ground_truth.parquet"
 
 
@@ -79,6 +82,7 @@ def load_source(options: dict) -> PreparedDataset:
             per_class=options["per_class"],
             val_per_class=options["val_per_class"],
             seed=options["seed"],
+            new_images_per_class=options["new_images_per_class"],
         )
     if source == "folder":
         return prepare_folder(
@@ -113,7 +117,7 @@ def _retrieval_options(options: dict) -> dict:
 
 
 def remove_stale_outputs(out_dir: Path, keep: set[str], keep_ground_truth: bool) -> None:
-    for split in KNOWN_SPLITS:
+    for split in KNOWN_SPLITS + STALE_SPLITS:
         folder = out_dir / split
         if split not in keep and folder.is_dir():
             shutil.rmtree(folder)
@@ -151,18 +155,20 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
 @click.option("--train_classes", type=int, multiple=True,
               help="fashion-mnist: classes of the unlabeled training collection, e.g. 5..9 (repeat the option)")
 @click.option("--test_classes", type=int, multiple=True,
-              help="fashion-mnist: held-out test classes, e.g. 0..4 (repeat the option)")
+              help="fashion-mnist: classes held out of the collection (the new_classes split), e.g. 0..4 (repeat the option)")
 @click.option("--per_class", type=OptionalCount(), default=1200, show_default=True,
-              help="fashion-mnist: images drawn per class for train and test (0 or none = all)")
+              help="fashion-mnist: images drawn per class for train and new_classes (0 or none = all)")
 @click.option("--val_per_class", type=int, default=200, show_default=True,
               help="fashion-mnist: validation images per training class, disjoint from train")
+@click.option("--new_images_per_class", type=int, default=600, show_default=True,
+              help="fashion-mnist: held-out images per training class from the t10k file (the new_images split)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the per-class subsampling")
 @click.option("--labels_from_folders/--no-labels_from_folders", default=False, show_default=True,
               help="folder: the first sub-folder name is the class (evaluation only)")
 @click.option("--max_side", type=int, default=512, show_default=True,
               help="folder: downscale images whose longer side exceeds this (0 = keep)")
 @click.option("--test_root", default="", show_default=True,
-              help="folder: optional directory of test images (empty = no test split)")
+              help="folder: optional directory of test images, split into new_images and new_classes by class (empty = none)")
 @click.option("--query_root", default="", show_default=True,
               help="folder: directory of the query images named in ground_truth (empty = test_root)")
 @click.option("--ground_truth", default="", show_default=True,

@@ -1,7 +1,9 @@
 """Stage ``proxy_retrieval``: an embedded retrieval benchmark on held-out items.
 
-A PROXY, not Oxford/Paris (see :mod:`mom.proxy_retrieval`): ``objects`` items of
-``--test`` (the held-out classes) each give one augmented query view and
+A PROXY, not Oxford/Paris (see :mod:`mom.proxy_retrieval`): on each held-out
+evaluation split of ``--prepared`` (``new_images``: new images of the
+collection's classes; ``new_classes``: classes the collection does not
+contain), ``objects`` items each give one augmented query view and
 ``views_in_database`` augmented database views; a query's positives are its own
 object's views. For every augmentation level (``levels``, :mod:`mom.augment`)
 the views are ranked with
@@ -17,8 +19,9 @@ the views are ranked with
   scales and aggregation its checkpoint records;
 - ``finetuned_whitened``: the same, then ``--whitening`` (omitted when ``''``).
 
-Writes ``--metrics`` (JSON, DVC metrics): mAP and mP@k per level and
-descriptor, with a ``note`` saying it is a proxy.
+Writes ``--metrics`` (JSON, DVC metrics): mAP and mP@k per split, level and
+descriptor, with a ``note`` saying it is a proxy. Labels are never read, so
+the benchmark also runs on an unlabeled held-out split.
 
     python -m stages.proxy_retrieval --objects 500 --model '' --whitening ''
 """
@@ -42,9 +45,9 @@ from stages._cli import StageCommand, require, stage_command, timed
 log = logging.getLogger("mom")
 
 MAX_SCALE = 4096
-PREPARE_REPORT = "report.json"
+EVALUATION_SPLITS = ("new_images", "new_classes")
 # Short: `dvc metrics show` prints it in every row's column. The module docstrings say the rest.
-NOTE = "PROXY benchmark, not Oxford/Paris: augmented views of held-out test items; positives = views of the same item"
+NOTE = "PROXY benchmark, not Oxford/Paris: augmented views of held-out items; positives = views of the same item"
 
 
 def validate(options: dict, model_path: str, whitening_path: str) -> None:
@@ -72,17 +75,15 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
     distributed.check_device(options["device"])
 
 
-def prepared_without_test(path: Path) -> bool:
-    """True when ``prepare`` ran (its report is next to ``path``) but wrote no
-    test split: a retrieval benchmark's query/database layout, or a folder
-    source without ``test_root``. The benchmark is then skipped, not failed,
-    so ``dvc repro`` works for every source."""
-    return not (path / MANIFEST_NAME).is_file() and (path.parent / PREPARE_REPORT).is_file()
-
-
-def open_test(path: Path, objects: int) -> ImageStore:
+def open_split(path: Path, objects: int) -> ImageStore | None:
+    """The split's image store, or ``None`` (logged) when prepare wrote none or it is too small."""
+    if not (path / MANIFEST_NAME).is_file():
+        log.info("%s: prepare wrote no such split; skipped", path)
+        return None
     store = ImageStore.open(path)
-    require(len(store) >= 2, f"--test: {path} holds {len(store)} items; the benchmark needs at least 2")
+    if len(store) < 2:
+        log.info("%s: %d items; the benchmark needs at least 2; skipped", path, len(store))
+        return None
     require(objects <= len(store), f"--objects: at most the {len(store)} items of {path}, got {objects}")
     return store
 
@@ -92,11 +93,7 @@ def load_finetuned(model_path: str, whitening_path: str, options: dict):
     if not model_path:
         return None
     net, extra = networks.load_checkpoint(model_path)
-    recorded = extra.get("embedding", {})
-    scales = [int(s) for s in recorded.get("scales", options["scales"])]
-    aggregation = recorded.get("aggregation", options["aggregation"])
-    require(scales and min(scales) >= 1 and aggregation in extraction.AGGREGATIONS,
-            f"--model: {model_path} records unusable embedding settings {recorded}")
+    scales, aggregation = networks.embedding_settings(extra, (), "")
     white = None
     if whitening_path:
         mean, projection, method = whitening.load_whitening(whitening_path)
@@ -169,7 +166,8 @@ def _raw_side(benchmark) -> int | None:
 @click.option("--aggregation", default="sum", show_default=True, help="as extract.aggregation")
 @click.option("--batch_size", type=int, default=128, show_default=True, help="as extract.batch_size")
 @click.option("--device", default="cpu", show_default=True, help="as extract.device")
-@click.option("--test", "test_dir", type=click.Path(path_type=Path), default=Path("data/prepared/test"), show_default=True)
+@click.option("--prepared", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="prepare's output: the benchmark runs on each evaluation split present (new_images, new_classes)")
 @click.option("--model", "model_path", default="data/finetune/model.pt", show_default=True,
               help="fine-tuned checkpoint ('' = skip the fine-tuned rows)")
 @click.option("--whitening", "whitening_path", default="data/whiten/whitening.npz", show_default=True,
@@ -177,52 +175,61 @@ def _raw_side(benchmark) -> int | None:
 @click.option("--metrics", "metrics_path", type=click.Path(path_type=Path),
               default=Path("metrics/proxy_retrieval.json"), show_default=True)
 @stage_command("proxy_retrieval")
-def main(test_dir: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
+def main(prepared: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
     """Proxy retrieval mAP of raw pixels, the initial and the fine-tuned network."""
     validate(options, model_path, whitening_path)
-    if prepared_without_test(test_dir):
-        log.warning("%s: prepare wrote no test split; nothing to benchmark (writing a 'skipped' entry)", test_dir)
-        artifacts.save_json(metrics_path, {"note": NOTE, "skipped": f"{test_dir}: prepare wrote no test split"})
+    require((prepared / "report.json").is_file(),
+            f"--prepared: {prepared / 'report.json'}: file not found (not an output of prepare; run it first)")
+    stores = {split: open_split(prepared / split, options["objects"]) for split in EVALUATION_SPLITS}
+    stores = {split: store for split, store in stores.items() if store is not None}
+    result = header(options, model_path, whitening_path)
+    if not stores:
+        log.warning("%s: no evaluation split (%s); nothing to benchmark", prepared, ", ".join(EVALUATION_SPLITS))
+        artifacts.save_json(metrics_path, result | {"skipped": f"{prepared}: no evaluation split"})
         return
-    store = open_test(test_dir, options["objects"])
     finetuned = load_finetuned(model_path, whitening_path, options)
     if options["threads"]:
         torch.set_num_threads(options["threads"])
     initial_net = networks.build_network(networks.make_meta(options["backbone"], options["pooling"], options["gem_p"]),
                                          weights=options["weights"] or None)
-    items = proxy.select_objects(len(store), options["objects"], options["seed"])
-    log.info("%d objects of %s, 1 query + %d database views each, levels %s, %d torch threads", len(items), test_dir,
-             options["views_in_database"], list(options["levels"]), torch.get_num_threads())
-
-    result = header(items, options, finetuned, model_path, whitening_path)
-    for level in options["levels"]:
-        with timed(f"{level}: augmented {len(items)} objects"):
-            benchmark = proxy.build_benchmark(store, items, level, options["views_in_database"], options["seed"],
-                                              progress=True)
-        result["levels"][level] = evaluate_level(benchmark, initial_net, finetuned, options)
+    describe_finetuned(result, finetuned, model_path, whitening_path)
+    for split, store in stores.items():
+        result[split] = benchmark_split(split, store, initial_net, finetuned, options)
     artifacts.save_json(metrics_path, result)
     log.info("wrote %s", metrics_path)
 
 
-def header(items, options: dict, finetuned, model_path: str, whitening_path: str) -> dict:
-    result = {
+def benchmark_split(split: str, store: ImageStore, initial_net, finetuned, options: dict) -> dict:
+    items = proxy.select_objects(len(store), options["objects"], options["seed"])
+    log.info("%s: %d objects, 1 query + %d database views each, levels %s, %d torch threads", split, len(items),
+             options["views_in_database"], list(options["levels"]), torch.get_num_threads())
+    section = {"objects": len(items), "queries": len(items), "database": len(items) * options["views_in_database"],
+               "levels": {}}
+    for level in options["levels"]:
+        with timed(f"{split} {level}: augmented {len(items)} objects"):
+            benchmark = proxy.build_benchmark(store, items, level, options["views_in_database"], options["seed"],
+                                              progress=True)
+        section["levels"][level] = evaluate_level(benchmark, initial_net, finetuned, options)
+    return section
+
+
+def header(options: dict, model_path: str, whitening_path: str) -> dict:
+    return {
         "note": NOTE,
-        "objects": len(items),
-        "queries": len(items),
-        "database": len(items) * options["views_in_database"],
         "views_in_database": options["views_in_database"],
         "seed": options["seed"],
         "settings": {"initial": {key: options[key] for key in ("backbone", "pooling", "gem_p", "aggregation")}
                      | {"scales": list(options["scales"])}},
     }
+
+
+def describe_finetuned(result: dict, finetuned, model_path: str, whitening_path: str) -> None:
     if finetuned is not None:
         _, scales, aggregation, white = finetuned
         result["settings"]["finetuned"] = {"model": model_path, "scales": scales, "aggregation": aggregation}
         if white is not None:
             result["settings"]["finetuned"]["whitening"] = {"file": whitening_path, "method": white[2],
                                                 "dim": int(white[1].shape[0])}
-    result["levels"] = {}
-    return result
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ The cells are those the ``grid`` section of ``--params`` lists (``rows`` x
 ``seeds``), never the files found on disk: a stale cell left in
 ``--metrics-dir`` is ignored. Per cell ``<row>_seed-<seed>`` it reads
 ``<metrics-dir>/<cell>.json`` (the ``evaluate`` stage: Recall@1 and NMI of the
-test split, mAP per retrieval protocol when the dataset has a ground truth) and
+evaluation splits ``new_images`` and ``new_classes``, mAP per retrieval
+protocol when the dataset has a ground truth) and
 ``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist) and,
 when it exists, ``<proxy-dir>/<cell>.json`` (proxy retrieval mAP per level; a
 column appears only when every listed cell has it).
+``--start-metrics`` (the main pipeline's evaluate report) gives the row of the
+untrained start of fine-tuning.
 Writes ``--markdown`` and ``--png`` (the table: mean ± std over seeds in percent,
 the initial features first) and ``--json`` (the same numbers, DVC metrics).
 """
@@ -68,17 +71,20 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
 @click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics/grid", show_default=True)
 @click.option("--grid-dir", type=click.Path(path_type=Path), default="data/grid", show_default=True)
 @click.option("--proxy-dir", type=click.Path(path_type=Path), default="metrics/grid_proxy", show_default=True)
+@click.option("--start-metrics", "start_path", type=click.Path(path_type=Path), default="metrics/evaluate.json",
+              show_default=True, help="an evaluate report with the untrained start ('' = no such row)")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default="reports/table1.md",
               show_default=True)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default="reports/table1.png", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default="reports/table1.json",
               show_default=True)
 @stage_command("report")
-def main(params_path, metrics_dir, grid_dir, proxy_dir, markdown_path, png_path, json_path):
+def main(params_path, metrics_dir, grid_dir, proxy_dir, start_path, markdown_path, png_path, json_path):
     """Table 1 from the grid's cells, as Markdown, PNG and JSON."""
     names, seeds = read_grid(params_path)
     evaluations, purities, proxies = read_cells(names, seeds, metrics_dir, grid_dir, proxy_dir)
-    table = build_table(names, seeds, evaluations, purities, proxies)
+    start = artifacts.load_json(start_path) if str(start_path) not in ("", ".") else None
+    table = build_table(names, seeds, evaluations, purities, proxies, start)
     markdown = to_markdown(table, f"**{TITLE}**")
     artifacts.save_text(markdown_path, markdown)
     artifacts.save_json(json_path, to_dict(table))

@@ -39,10 +39,10 @@ def test_cars_zero_shot_split_ignores_the_official_test_flag(tmp_path):
     splits = load_cars(tmp_path)
     assert [item.origin for item in splits["train"]] == ["car_ims/000001.jpg", "car_ims/000002.jpg", "car_ims/000005.jpg"]
     assert [item.label for item in splits["train"]] == [0, 97, 4]
-    assert [item.label for item in splits["test"]] == [98, 195]
-    assert splits["test"][1].class_name == "Make Model 196 2012"
+    assert [item.label for item in splits["new_classes"]] == [98, 195]
+    assert splits["new_classes"][1].class_name == "Make Model 196 2012"
     dataset = prepare_cars(tmp_path, max_side=0)
-    assert dataset.info["full_set"] is False and dataset.splits["test"].expected == 2
+    assert dataset.info["full_set"] is False and dataset.splits["new_classes"].expected == 2
 
 
 def test_cars_errors(tmp_path):
@@ -83,14 +83,14 @@ def test_sop_splits_labels_and_cli(tmp_path):
     _make_sop(tmp_path / "Stanford_Online_Products")
     splits = load_sop(tmp_path / "Stanford_Online_Products")
     assert [item.label for item in splits["train"]] == [0, 0, 1]
-    assert [item.class_name for item in splits["test"]] == ["bicycle_final/11319", "toaster_final/11320"]
+    assert [item.class_name for item in splits["new_classes"]] == ["bicycle_final/11319", "toaster_final/11320"]
     out = tmp_path / "prepared"
     result = CliRunner().invoke(main, ["--source", "sop", "--root", str(tmp_path / "Stanford_Online_Products"),
                                        "--workers", "1", "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
     report = artifacts.load_json(out / "report.json")
-    assert report["splits"]["train"]["count"] == 3 and report["splits"]["test"]["count"] == 2
-    assert ImageStore.open(out / "test").origins == ["bicycle_final/251952414262_0.JPG", "toaster_final/252010281442_0.JPG"]
+    assert report["splits"]["train"]["count"] == 3 and report["splits"]["new_classes"]["count"] == 2
+    assert ImageStore.open(out / "new_classes").origins == ["bicycle_final/251952414262_0.JPG", "toaster_final/252010281442_0.JPG"]
 
 
 def test_sop_errors(tmp_path):

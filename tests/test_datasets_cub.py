@@ -45,23 +45,23 @@ def test_zero_shot_split_labels_and_names(tmp_path):
         splits = load_cub(root)
         assert [item.origin for item in splits["train"]] == [f"images/{p}" for _, _, p in ROWS[:3]]
         assert [item.label for item in splits["train"]] == [0, 0, 99]
-        assert [item.label for item in splits["test"]] == [100, 199]
-        assert [item.class_name for item in splits["test"]] == ["101.White_Pelican", "200.Common_Yellowthroat"]
+        assert [item.label for item in splits["new_classes"]] == [100, 199]
+        assert [item.class_name for item in splits["new_classes"]] == ["101.White_Pelican", "200.Common_Yellowthroat"]
 
 
-def test_cli_writes_train_and_test_and_reports_corrupt_files(tmp_path):
+def test_cli_writes_train_and_new_classes_and_reports_corrupt_files(tmp_path):
     _make_cub(tmp_path, corrupt={ROWS[1][2]})
     out = tmp_path / "prepared"
     result = CliRunner().invoke(main, ["--source", "cub", "--root", str(tmp_path), "--workers", "1",
                                        "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
-    train, test = ImageStore.open(out / "train"), ImageStore.open(out / "test")
+    train, test = ImageStore.open(out / "train"), ImageStore.open(out / "new_classes")
     assert len(train) == 2 and len(test) == 2 and len(ImageStore.open(out / "val")) == 0
     assert train.labels.tolist() == [0, 99] and test.labels.tolist() == [100, 199]
     assert train[1].shape == (11, 10, 3) and int(train[1][0, 0, 0]) in range(55, 66)
     report = artifacts.load_json(out / "report.json")
     assert report["rejected"][0]["path"] == f"images/{ROWS[1][2]}"
-    assert report["full_set"] is False and report["split_rule"] == "classes 1-100 train, 101-200 test"
+    assert report["full_set"] is False and report["split_rule"] == "classes 1-100 train, 101-200 new_classes"
 
 
 def test_full_set_counts_are_asserted(tmp_path):

@@ -57,7 +57,7 @@ def test_splits_crops_and_ground_truth(tmp_path):
     np.testing.assert_array_equal(query[0], full[4:17, 2:20])
     assert query[1].shape == (24, 32, 3)
     assert stores["train"].origins == database.origins  # unlabeled training collection = database by default
-    assert len(stores["val"]) == len(stores["test"]) == 0
+    assert len(stores["val"]) == 0 and "new_classes" not in stores and "new_images" not in stores
     table = dataset.ground_truth.to_pydict()
     assert list(zip(table["query"], table["database"], table["relevance"])) == [
         (0, 0, "easy"), (0, 1, "junk"), (0, 2, "easy"), (0, 5, "hard"), (1, 3, "hard"), (1, 4, "hard")]

@@ -148,10 +148,10 @@ def test_gather_rows_across_gloo_processes(tmp_path):
 
 
 def tiny_prepared(root: Path) -> Path:
-    """Gray and colour images of three shapes in train/val/test, labelled test."""
+    """Gray and colour images of three shapes in train/val/new_classes, all labelled."""
     rng = np.random.default_rng(0)
     sides = [(20, 28), (28, 28), (28, 20)]
-    for split, n in (("train", 37), ("val", 5), ("test", 12)):
+    for split, n in (("train", 37), ("val", 5), ("new_classes", 12)):
         images = (rng.integers(0, 256, sides[i % 3] + ((3,) if i % 2 else ()), dtype=np.uint8) for i in range(n))
         write_image_store(root / split, images, {"source": ["t"] * n, "split": [split] * n,
                                                  "origin": [str(i) for i in range(n)],
@@ -173,10 +173,10 @@ def test_torchrun_extract_is_byte_identical_to_one_process(tmp_path):
     run_extract([sys.executable], prepared, tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_extract(torchrun, prepared, tmp_path / "two")
-    files = ["database.npy", "metrics.json", "query.npy", "test.npy", "train.npy", "val.npy"]
+    files = ["database.npy", "metrics.json", "new_classes.npy", "new_images.npy", "query.npy", "train.npy", "val.npy"]
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == files  # no per-rank leftovers
-    for split in ("train", "val", "test", "query", "database"):
+    for split in ("train", "val", "new_images", "new_classes", "query", "database"):
         assert (tmp_path / "one" / f"{split}.npy").read_bytes() == (tmp_path / "two" / f"{split}.npy").read_bytes()
     one, two = (artifacts.load_json(tmp_path / name / "metrics.json") for name in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert two["count"] == 54 and two["test"] == one["test"]
+    assert two["count"] == 54 and two["new_classes"] == one["new_classes"]

@@ -133,11 +133,11 @@ def test_training_mode_is_restored(tmp_path, net):
 # --- the stage command on a tiny prepared folder ---
 
 def make_prepared(root):
-    """train: 6 unlabeled-for-mining images; test: 8 images of 2 classes; no val split."""
+    """train: 6 unlabeled-for-mining images; new_classes: 8 images of 2 classes; no val or new_images split."""
     write_image_store(root / "train", GRAY[:6], {"source": ["t"] * 6, "split": ["train"] * 6,
                                                  "origin": [str(i) for i in range(6)], "label": [5, 5, 6, 6, 7, 7]})
     test_images = [np.full((28, 28, 1), 30 * (i % 2) + i, np.uint8) for i in range(8)]
-    write_image_store(root / "test", test_images, {"source": ["t"] * 8, "split": ["test"] * 8,
+    write_image_store(root / "new_classes", test_images, {"source": ["t"] * 8, "split": ["new_classes"] * 8,
                                                    "origin": [str(i) for i in range(8)], "label": [i % 2 for i in range(8)]})
 
 
@@ -157,8 +157,9 @@ def test_stage_writes_aligned_features_and_metrics(tmp_path, net):
     out = tmp_path / "features"
     result = run_stage("--prepared", tmp_path / "prepared", "--out-dir", out, "--scales", 32, "--batch_size", 4)
     assert result.exit_code == 0, result.output
-    train, val, test = (np.load(out / f"{split}.npy") for split in ("train", "val", "test"))
-    assert train.dtype == np.float32 and train.shape == (6, 1280) and val.shape == (0, 1280) and test.shape == (8, 1280)
+    train, val, new_images, test = (np.load(out / f"{split}.npy") for split in ("train", "val", "new_images", "new_classes"))
+    assert train.dtype == np.float32 and train.shape == (6, 1280) and test.shape == (8, 1280)
+    assert val.shape == new_images.shape == (0, 1280)
     expected = extraction.embed_store(net, ImageStore.open(tmp_path / "prepared" / "train"), [32], progress=False)
     assert np.allclose(train, expected, atol=1e-5)
 
@@ -166,11 +167,12 @@ def test_stage_writes_aligned_features_and_metrics(tmp_path, net):
     assert metrics["count"] == 14 and metrics["dim"] == 1280 and metrics["splits"]["val"]["count"] == 0
     assert metrics["images_per_second"] > 0 and metrics["seconds"] > 0
     recall = recall_at_k(test, np.arange(8) % 2, (1, 2, 4))  # K = 8 needs 9 test items
-    assert metrics["test"] == {f"recall_at_{k}": pytest.approx(v, abs=1e-6) for k, v in recall.items()}
+    assert metrics["new_images"] is None
+    assert metrics["new_classes"] == {f"recall_at_{k}": pytest.approx(v, abs=1e-6) for k, v in recall.items()}
 
-    before = {split: (out / f"{split}.npy").read_bytes() for split in ("train", "val", "test")}
+    before = {split: (out / f"{split}.npy").read_bytes() for split in ("train", "val", "new_classes")}
     assert run_stage("--prepared", tmp_path / "prepared", "--out-dir", out, "--scales", 32, "--batch_size", 3).exit_code == 0
-    assert before == {split: (out / f"{split}.npy").read_bytes() for split in ("train", "val", "test")}
+    assert before == {split: (out / f"{split}.npy").read_bytes() for split in ("train", "val", "new_classes")}
 
 
 def test_stage_embeds_query_and_database_of_retrieval_benchmarks(tmp_path, net):
@@ -195,7 +197,7 @@ def test_stage_pca_whitening_is_learned_on_train(tmp_path):
     assert run_stage(*common, "--out-dir", raw).exit_code == 0
     assert run_stage(*common, "--out-dir", white, "--pca_whiten", "--pca_dim", 4).exit_code == 0
     mean, projection = learn_pca_whitening(np.load(raw / "train.npy"), 4)
-    for split in ("train", "test"):
+    for split in ("train", "new_classes"):
         assert np.allclose(np.load(white / f"{split}.npy"), apply_whitening(np.load(raw / f"{split}.npy"), mean, projection), atol=1e-4)
     assert np.load(white / "val.npy").shape == (0, 4)
 

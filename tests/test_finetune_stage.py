@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mom import artifacts, networks
+from mom import artifacts, extraction, networks
 from mom.imagestore import write_image_store
 from stages import finetune
 
@@ -146,6 +146,23 @@ def test_pca_head_init(workspace, tmp_path):
     assert summary["head_init"] == "pca" and 0 < summary["head_pca_explained_variance"] <= 1
 
 
+def test_the_untrained_start_is_the_network_before_its_first_step(workspace, tmp_path):
+    from mom import metrics
+    from mom.imagestore import ImageStore
+
+    args = stage_args(workspace, tmp_path / "out", head_init="pca_whiten", head_dim=8)
+    assert CliRunner().invoke(finetune.main, args).exit_code == 0
+    summary = artifacts.load_json(tmp_path / "out" / "summary.json")
+    assert summary["head_init"] == "pca_whiten"
+    start, extra = networks.load_checkpoint(tmp_path / "out" / "start.pt")
+    assert extra["epochs"] == 0 and start.meta["head_dim"] == 8
+    val = ImageStore.open(workspace / "val")
+    embedded = extraction.embed_store(start, val, scales=[32], progress=False)
+    assert metrics.recall_at_k(embedded, val.labels, (1,))[1] == pytest.approx(summary["val_recall_at_1_initial"])
+    trained, _ = networks.load_checkpoint(tmp_path / "out" / "model.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values()))
+
+
 def test_an_empty_validation_split_only_skips_validation(workspace, tmp_path):
     write_image_store(tmp_path / "empty", iter([]), {"source": [], "split": [], "origin": []})
     args = stage_args(workspace, tmp_path / "out", epochs=1)
@@ -200,8 +217,8 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspa
 
 @pytest.fixture(scope="module")
 def trained(workspace, tmp_path_factory):
-    """A fine-tuned model, the prepared folder (train/val/test), initial features
-    and a manifold kNN table: what whiten and evaluate read."""
+    """A fine-tuned model, the prepared folder (train/val/new_images/new_classes),
+    initial features and a manifold kNN table: what whiten and evaluate read."""
     out = tmp_path_factory.mktemp("trained")
     result = CliRunner().invoke(finetune.main, stage_args(workspace, out / "finetune"))
     assert result.exit_code == 0, result.output
@@ -209,11 +226,13 @@ def trained(workspace, tmp_path_factory):
     prepared.mkdir()
     for split in ("train", "val"):
         (prepared / split).symlink_to(workspace / split)
-    test_labels = write_split(prepared / "test", "test", 30, seed=2)
+    test_labels, initial = {}, {}
     rng = np.random.default_rng(5)
-    initial = rng.normal(size=(30, 6)).astype(np.float32)
-    initial /= np.linalg.norm(initial, axis=1, keepdims=True)
-    artifacts.save_npy(out / "features" / "test.npy", initial)
+    for split, n, seed in (("new_images", 21, 3), ("new_classes", 30, 2)):
+        test_labels[split] = write_split(prepared / split, split, n, seed=seed)
+        initial[split] = rng.normal(size=(n, 6)).astype(np.float32)
+        initial[split] /= np.linalg.norm(initial[split], axis=1, keepdims=True)
+        artifacts.save_npy(out / "features" / f"{split}.npy", initial[split])
     n_train = 36
     train_labels = np.arange(n_train) % 3
     rows = [(a, b, r + 1) for a in range(n_train)
@@ -264,26 +283,33 @@ def test_whiten_rejects_bad_method(trained):
     assert result.exit_code == 2 and "method: must be one of pca, lw, none" in result.output
 
 
-def test_evaluate_compares_initial_and_finetuned_and_draws_figures(trained, tmp_path):
+def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(trained, tmp_path):
     from stages import evaluate
     from mom import metrics
+    from mom.imagestore import ImageStore
 
     out, test_labels, initial = trained
     assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
-    args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
+    args = ["--model", out / "finetune" / "model.pt", "--start", out / "finetune" / "start.pt",
+            "--whitening", out / "whiten-none" / "whitening.npz",
             "--prepared", out / "prepared", "--features", out / "features",
             "--finetune-log", out / "finetune" / "log.tsv", "--metrics", tmp_path / "metrics.json",
             "--plots-dir", tmp_path / "plots", "--kmeans_n_init", "2"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = artifacts.load_json(tmp_path / "metrics.json")
-    test = report["test"]
-    assert test["items"] == 30 and test["classes"] == 3
-    assert test["kmeans"]["n_clusters"] == 3 and test["kmeans"]["n_init"] == 2 and test["kmeans"]["seed"] == 0
-    expected = metrics.recall_at_k(initial, test_labels)
-    assert [test["initial"][f"recall_at_{k}"] for k in (1, 2, 4, 8)] == pytest.approx([expected[k] for k in (1, 2, 4, 8)])
-    assert test["initial"]["nmi"] == pytest.approx(metrics.nmi_kmeans(initial, test_labels, 3, 0, 2))
-    assert set(test["finetuned"]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+    for split, items in (("new_images", 21), ("new_classes", 30)):
+        section, labels = report[split], test_labels[split]
+        assert section["items"] == items and section["classes"] == 3
+        assert section["kmeans"]["n_clusters"] == 3 and section["kmeans"]["n_init"] == 2 and section["kmeans"]["seed"] == 0
+        store = ImageStore.open(out / "prepared" / split)
+        for name, embeddings in (("initial", initial[split]),
+                                 ("start", embed_with(out / "finetune" / "start.pt", store)),
+                                 ("finetuned", embed_with(out / "finetune" / "model.pt", store))):
+            expected = metrics.recall_at_k(embeddings, labels)
+            assert [section[name][f"recall_at_{k}"] for k in (1, 2, 4, 8)] == pytest.approx(
+                [expected[k] for k in (1, 2, 4, 8)], abs=1e-6), name
+            assert section[name]["nmi"] == pytest.approx(metrics.nmi_kmeans(embeddings, labels, 3, 0, 2), abs=1e-6)
     assert report["whitening"] == {"method": "none", "dim": 64}
     assert report["scales"] == [32] and report["aggregation"] == "sum"  # recorded by finetune
     assert "retrieval" not in report
@@ -294,6 +320,13 @@ def test_evaluate_compares_initial_and_finetuned_and_draws_figures(trained, tmp_
     args[args.index("--metrics") + 1] = second
     assert CliRunner().invoke(evaluate.main, [str(a) for a in args]).exit_code == 0
     assert second.read_bytes() == (tmp_path / "metrics.json").read_bytes()
+
+
+def embed_with(checkpoint, store):
+    from mom import extraction
+
+    net, extra = networks.load_checkpoint(checkpoint)
+    return extraction.embed_store(net, store, scales=extra["embedding"]["scales"], progress=False)
 
 
 def whiten_main():
@@ -321,7 +354,7 @@ def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
         features[split] = rng.normal(size=(n, 5)).astype(np.float32)
         artifacts.save_npy(tmp_path / "features" / f"{split}.npy", features[split])
     assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
-    args = ["--model", out / "finetune" / "model.pt", "--whitening", out / "whiten-none" / "whitening.npz",
+    args = ["--model", out / "finetune" / "model.pt", "--start", "", "--whitening", out / "whiten-none" / "whitening.npz",
             "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog.tsv",
             "--metrics", tmp_path / "metrics.json", "--plots-dir", tmp_path / "plots"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])

@@ -18,6 +18,8 @@ ANCHOR_STAGES = ("grid_anchors", "grid_diffuse")
 MAIN_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 # The root stages whose outputs the grid reads (built or skipped as root stages).
 UPSTREAM = ("prepare", "extract", "graph", "anchors", "diffuse")
+# The report's "untrained start" row comes from the main pipeline's evaluate report.
+START_ROW_UPSTREAM = ("mine", "finetune", "whiten", "evaluate")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 ROWS = PARAMS["grid"]["rows"]
 SEEDS = PARAMS["grid"]["seeds"]
@@ -116,7 +118,8 @@ def test_bare_repro_runs_the_main_pipeline_only_and_the_grid_reuses_its_outputs(
     assert sorted(rendered_commands(project)) == sorted(MAIN_STAGES)
     # the grid's upstream are the root stages themselves (no prefix), and only those it reads
     grid_run = rendered_commands(project, GRID_FILE)
-    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES, "report", "pool_figure"}
+    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *START_ROW_UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES,
+                                                        "report", "pool_figure"}
     # one file for every knob: the grid reads the root params.yaml (no ablations/params.yaml)
     assert not (project / "ablations" / "params.yaml").exists()
 
@@ -171,14 +174,15 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     set_params(project, grid={"rows": ROWS[:1], "seeds": [0], "anchor_sets": {"random": {"strategy": "random", "count": 5}}},
                pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
     ran = ran_stages(dvc(project, "repro", GRID_FILE))
-    assert sorted(ran) == sorted([*UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
+    assert sorted(ran) == sorted([*UPSTREAM, *START_ROW_UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
                                   *(f"{stage}@row0-0" for stage in GRID_STAGES), "report", "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
     assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
-    assert "proxy mAP strong" in table and "P+ purity" in table
+    assert "new images R@1" in table and "new classes proxy mAP strong" in table and "P+ purity" in table
     assert (project / "reports" / "pools.png").stat().st_size > 0
     cell = artifacts.load_json(project / "metrics" / "grid" / f"{first}_seed-0.json")
-    assert 0 <= cell["test"]["finetuned"]["recall_at_1"] <= 1
+    assert 0 <= cell["new_images"]["finetuned"]["recall_at_1"] <= 1
+    assert 0 <= cell["new_classes"]["finetuned"]["recall_at_1"] <= 1
 
     # the cells' params are sections of the root params.yaml, and their metrics are the project's
     lock = yaml.safe_load((project / "ablations" / "dvc.lock").read_text())["stages"]

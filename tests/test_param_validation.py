@@ -69,6 +69,8 @@ CASES = [
     case("prepare.per_class", "--per_class", -3),
     case("prepare.per_class", "--per_class", "many"),
     case("prepare.val_per_class", "--val_per_class", -1),
+    case("prepare.new_images_per_class", "--new_images_per_class", 1001),
+    case("prepare.new_images_per_class", "--new_images_per_class", -1),
     case("prepare.seed", "--seed", "zero"),
     case("prepare.seed", "--seed", -1),
     flag("prepare.labels_from_folders"),
@@ -227,10 +229,11 @@ def inputs(tmp_path_factory):
     artifacts.save_npy(root / "features.npy", features)
     n = len(features)
     tiles = [np.full((4, 4, 3), i % 251, np.uint8) for i in range(n)]
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "new_images", "new_classes"):
         write_image_store(root / "prepared" / split, iter(tiles),
                           {"source": ["t"] * n, "split": [split] * n, "origin": [str(i) for i in range(n)],
                            "label": [int(c) for c in curve]})
+    (root / "prepared" / "report.json").write_text("{}")
     for folder, count in (("images", 3), ("test_images", 2)):
         (root / folder).mkdir()
         for i in range(count):
@@ -271,10 +274,10 @@ def inputs_args(stage: str, root: Path, out: Path) -> list:
                      "--out-dir", out / "finetune", "--checkpoint-dir", out / "checkpoints"],
         "whiten": ["--model", model, "--train", root / "prepared/train",
                    "--manifold-knn", root / "diffuse/manifold_knn.parquet", "--out-dir", out / "whiten"],
-        "evaluate": ["--model", model, "--whitening", whitening_file, "--prepared", root / "prepared",
+        "evaluate": ["--model", model, "--start", "", "--whitening", whitening_file, "--prepared", root / "prepared",
                      "--features", out / "no-features", "--finetune-log", out / "no-log.tsv",
                      "--metrics", out / "metrics/evaluate.json", "--plots-dir", out / "plots"],
-        "proxy_retrieval": ["--test", root / "prepared/test", "--model", model, "--whitening", whitening_file,
+        "proxy_retrieval": ["--prepared", root / "prepared", "--model", model, "--whitening", whitening_file,
                             "--metrics", out / "metrics/proxy.json"],
         "pool_figure": ["--grid-dir", out / "grid", "--train", root / "prepared/train", "--out", out / "pools.png"],
     }[stage]

@@ -17,7 +17,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # Small params on top of params.yaml: the structure is the real one.
 SMALL = {
-    "prepare": {"per_class": 40, "val_per_class": 10},
+    "prepare": {"per_class": 40, "val_per_class": 10, "new_images_per_class": 20},
     "graph": {"k": 10},
     "diffuse": {"k": 40, "block_size": 32},
     "mine": {"k_pos": 15, "k_neg": 40, "positive_cap": 15, "negative_cap": 15},
@@ -66,11 +66,11 @@ def test_dvc_repro_runs_every_stage_end_to_end(project):
     assert not set(grid) & set(stages) and not (project / "data" / "grid").exists()
 
     report = artifacts.load_json(project / "metrics" / "evaluate.json")
-    test = report["test"]
-    assert test["items"] == 200 and test["classes"] == 5
-    for version in ("initial", "finetuned"):
-        assert set(test[version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
-        assert 0.2 <= test[version]["recall_at_1"] <= 1.0
+    for split, items in (("new_images", 100), ("new_classes", 200)):
+        assert report[split]["items"] == items and report[split]["classes"] == 5
+        for version in ("initial", "start", "finetuned"):
+            assert set(report[split][version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+            assert 0.2 <= report[split][version]["recall_at_1"] <= 1.0
     assert report["whitening"]["method"] == "pca"
     net, extra = networks.load_checkpoint(project / "data" / "finetune" / "model.pt")
     assert net.dim == 64 and extra["embedding"]["scales"] == [64]

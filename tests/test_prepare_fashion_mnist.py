@@ -99,6 +99,10 @@ def test_corrupt_or_missing_release_is_a_clear_error(tmp_path):
         ({"train_classes": [5], "test_classes": [0], "per_class": 7001, "val_per_class": 0}, "per_class"),
         ({"train_classes": [5], "test_classes": [0], "per_class": -1}, "per_class: must be >= 0"),
         ({"train_classes": [5], "test_classes": [0], "val_per_class": 7000}, "val_per_class"),
+        # train and val come from the train file: 6,000 images per class
+        ({"train_classes": [5], "test_classes": [0], "per_class": 5900, "val_per_class": 200}, "train file"),
+        ({"train_classes": [5], "test_classes": [0], "new_images_per_class": 1001}, "new_images_per_class: must be in 0..1000"),
+        ({"train_classes": [5], "test_classes": [0], "new_images_per_class": -1}, "new_images_per_class"),
     ],
 )
 def test_parameter_validation(kwargs, message):
@@ -127,17 +131,23 @@ def test_per_class_sample_is_disjoint_and_seeded():
 def test_default_splits_counts_and_disjointness(tmp_path, fashion):
     images, labels, origins = fashion
     stores = _write(prepare_fashion_mnist(ROOT, per_class=40, val_per_class=10, seed=0), tmp_path)
-    train, val, test = stores["train"], stores["val"], stores["test"]
-    assert (len(train), len(val), len(test)) == (200, 50, 200)
+    train, val, test = stores["train"], stores["val"], stores["new_classes"]
+    new_images = stores["new_images"]
+    assert (len(train), len(val), len(new_images), len(test)) == (200, 50, 3000, 200)
     assert np.bincount(train.labels, minlength=10)[5:].tolist() == [40] * 5
     assert np.bincount(val.labels, minlength=10)[5:].tolist() == [10] * 5
+    assert np.bincount(new_images.labels, minlength=10)[5:].tolist() == [600] * 5
     assert np.bincount(test.labels, minlength=10)[:5].tolist() == [40] * 5
     assert set(train.labels.tolist()) == {5, 6, 7, 8, 9} and set(test.labels.tolist()) == {0, 1, 2, 3, 4}
+    # By origin: train and val come from the train file, new images from the t10k file only.
+    assert all(origin.startswith("train-images") for origin in train.origins + val.origins)
+    assert all(origin.startswith("t10k-images") for origin in new_images.origins)
     assert not set(train.origins) & set(val.origins)
+    assert not set(new_images.origins) & (set(train.origins) | set(val.origins))
     assert train.class_names == {c: CLASS_NAMES[c] for c in range(5, 10)}
     # Every stored item is the exact image of the file position its origin names.
     index = {origin: position for position, origin in enumerate(origins)}
-    for store in (train, val, test):
+    for store in (train, val, new_images, test):
         for item in (0, len(store) // 2, len(store) - 1):
             position = index[store.origins[item]]
             np.testing.assert_array_equal(store[item][:, :, 0], images[position])
@@ -148,15 +158,16 @@ def test_default_splits_counts_and_disjointness(tmp_path, fashion):
 
 def test_all_images_when_per_class_is_zero(fashion):
     dataset = prepare_fashion_mnist(ROOT, train_classes=[5], test_classes=[0], per_class=0, val_per_class=200)
-    assert dataset.splits["train"].expected == 6800
+    assert dataset.splits["train"].expected == 5800  # the train file's 6,000 minus val
     assert dataset.splits["val"].expected == 200
-    assert dataset.splits["test"].expected == 7000
+    assert dataset.splits["new_images"].expected == 600
+    assert dataset.splits["new_classes"].expected == 7000
 
 
 def test_splits_are_deterministic_and_seeded(tmp_path):
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):
         _write(prepare_fashion_mnist(ROOT, per_class=20, val_per_class=5, seed=seed), tmp_path / run)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "new_images", "new_classes"):
         for name in ("pixels.npy", "manifest.parquet"):
             assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
         assert ImageStore.open(tmp_path / "a" / split).origins != ImageStore.open(tmp_path / "c" / split).origins
@@ -170,7 +181,7 @@ def test_cli_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     report = artifacts.load_json(out / "report.json")
     assert report["splits"]["train"] == {"count": 60, "unlabeled": 0, "classes": {"Bag": 30, "Ankle boot": 30}}
-    assert report["splits"]["val"]["count"] == 10 and report["splits"]["test"]["count"] == 30
+    assert report["splits"]["val"]["count"] == 10 and report["splits"]["new_classes"]["count"] == 30
     assert report["rejected"] == []
     first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -179,7 +190,7 @@ def test_cli_end_to_end(tmp_path):
     result = CliRunner().invoke(main, ["--per_class", "none", "--val_per_class", "0", "--train_classes", "9",
                                        "--test_classes", "0", "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
-    assert artifacts.load_json(out / "report.json")["splits"]["train"]["count"] == 7000
+    assert artifacts.load_json(out / "report.json")["splits"]["train"]["count"] == 6000  # all of the train file
 
 
 def test_cli_bad_option_is_one_line_and_status_2(tmp_path):

@@ -72,7 +72,7 @@ def test_folder_collection_modes_and_rejections(collection, tmp_path):
     stores = _write(dataset, tmp_path / "out")
     train = stores["train"]
     assert train.origins == EXPECTED_ORDER
-    assert len(stores["val"]) == 0 and len(stores["test"]) == 0
+    assert len(stores["val"]) == len(stores["new_images"]) == len(stores["new_classes"]) == 0
     assert set(train.manifest.column("channels").to_pylist()) == {3}
     assert train.labels.tolist() == [-1] * len(EXPECTED_ORDER)  # unlabeled by default
     item = {origin: train[i] for i, origin in enumerate(train.origins)}
@@ -98,19 +98,36 @@ def test_folder_collection_modes_and_rejections(collection, tmp_path):
     assert reasons["readme.txt"].startswith("not an image extension")
 
 
-def test_labels_from_folders_and_test_root(collection, tmp_path):
+def test_labels_from_folders_and_test_root_split_new_images_from_new_classes(collection, tmp_path):
     test_root = tmp_path / "held_out"
     _save(test_root / "birds" / "b.png", Image.fromarray(_rgb_pattern(3, 3)))
     _save(test_root / "cats" / "c.png", Image.fromarray(_rgb_pattern(3, 3)))
-    stores = _write(prepare_folder(collection, test_root=test_root, labels_from_folders=True), tmp_path / "out")
-    train, test = stores["train"], stores["test"]
+    _save(test_root / "dogs" / "d.png", Image.fromarray(_rgb_pattern(3, 3)))
+    _save(test_root / "loose.png", Image.fromarray(_rgb_pattern(3, 3)))
+    (test_root / "birds" / "broken.png").write_bytes(b"")
+    dataset = prepare_folder(collection, test_root=test_root, labels_from_folders=True)
+    stores = _write(dataset, tmp_path / "out")
+    train, new_images, new_classes = stores["train"], stores["new_images"], stores["new_classes"]
     names = {"birds": 0, "cats": 1, "dogs": 2}  # sorted union over both roots
     expected = [names.get(origin.split("/")[0], -1) if "/" in origin else -1 for origin in EXPECTED_ORDER]
     assert train.labels.tolist() == expected
     assert train.class_names == {1: "cats", 2: "dogs"}
-    assert test.origins == ["birds/b.png", "cats/c.png"]
-    assert test.labels.tolist() == [0, 1] and test.class_names == {0: "birds", 1: "cats"}
-    assert set(test.manifest.column("split").to_pylist()) == {"test"}
+    # cats and dogs occur in the collection: new images of its classes; birds do not: a new class.
+    # A file directly in the test root has no class: it counts as a new image (unlabeled).
+    assert new_images.origins == ["cats/c.png", "dogs/d.png", "loose.png"]
+    assert new_images.labels.tolist() == [1, 2, -1]
+    assert new_classes.origins == ["birds/b.png"] and new_classes.labels.tolist() == [0]
+    assert set(new_classes.manifest.column("split").to_pylist()) == {"new_classes"}
+    assert [(entry["split"], entry["path"]) for entry in dataset.rejected if entry["path"].startswith("birds")] == [
+        ("new_classes", "birds/broken.png")]
+
+
+def test_without_labels_every_test_image_is_a_new_image(collection, tmp_path):
+    test_root = tmp_path / "held_out"
+    _save(test_root / "birds" / "b.png", Image.fromarray(_rgb_pattern(3, 3)))
+    _save(test_root / "cats" / "c.png", Image.fromarray(_rgb_pattern(3, 3)))
+    stores = _write(prepare_folder(collection, test_root=test_root), tmp_path / "out")
+    assert stores["new_images"].origins == ["birds/b.png", "cats/c.png"] and len(stores["new_classes"]) == 0
 
 
 def test_roots_must_be_separate_directories(collection, tmp_path):
@@ -212,7 +229,7 @@ def test_folder_with_queries_and_ground_truth_csv(tmp_path):
     db = ImageStore.open(out / "database")
     assert db.origins == ["a/1.png", "a/2.png", "b/3.png"] and db.labels.tolist() == [0, 0, 1]
     assert ImageStore.open(out / "query").origins == ["q0.png", "q1.png"]
-    assert len(ImageStore.open(out / "test")) == 0
+    assert not (out / "new_images").exists() and not (out / "new_classes").exists()
     table = artifacts.load_parquet(out / "ground_truth.parquet").to_pydict()
     assert list(zip(table["query"], table["database"], table["relevance"])) == [
         (0, 0, "junk"), (0, 1, "positive"), (1, 2, "positive")]

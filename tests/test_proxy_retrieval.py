@@ -144,7 +144,9 @@ def test_view_store_embeds_like_an_image_store(tmp_path):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("proxy")
-    write_store(root / "test", garments(10))
+    write_store(root / "new_images", garments(10))
+    write_store(root / "new_classes", garments(8))
+    (root / "report.json").write_text("{}")
     # A "fine-tuned" checkpoint that is the pretrained network itself, with an
     # identity whitening: its rows must equal the initial ones.
     net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0))
@@ -154,7 +156,7 @@ def workspace(tmp_path_factory):
 
 
 def run_stage(root, *extra):
-    args = ["--test", str(root / "test"), "--objects", "6", "--scales", "32", "--batch_size", "16", *extra]
+    args = ["--prepared", str(root), "--objects", "6", "--scales", "32", "--batch_size", "16", *extra]
     return CliRunner().invoke(stage.main, args, catch_exceptions=False)
 
 
@@ -164,13 +166,27 @@ def test_stage_without_a_model(workspace):
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert "PROXY" in metrics["note"] and "not Oxford/Paris" in metrics["note"]
-    assert (metrics["objects"], metrics["queries"], metrics["database"]) == (6, 6, 24)
-    assert set(metrics["levels"]) == {"strong", "mild"}
-    for level in metrics["levels"].values():
-        assert set(level) == {"raw_pixels", "initial"}
-        for row in level.values():
-            assert set(row) == {"map", "mp_at_1", "mp_at_5", "mp_at_10"}
-            assert all(0.0 <= value <= 1.0 for value in row.values())
+    for split in ("new_images", "new_classes"):
+        section = metrics[split]
+        assert (section["objects"], section["queries"], section["database"]) == (6, 6, 24)
+        assert set(section["levels"]) == {"strong", "mild"}
+        for level in section["levels"].values():
+            assert set(level) == {"raw_pixels", "initial"}
+            for row in level.values():
+                assert set(row) == {"map", "mp_at_1", "mp_at_5", "mp_at_10"}
+                assert all(0.0 <= value <= 1.0 for value in row.values())
+    # the same objects and views whatever else is benchmarked: new_images alone gives the same numbers
+    alone = workspace / "alone"
+    alone.mkdir(exist_ok=True)
+    (alone / "report.json").write_text("{}")
+    if not (alone / "new_images").exists():
+        (alone / "new_images").symlink_to(workspace / "new_images")
+    result = CliRunner().invoke(stage.main, ["--prepared", str(alone), "--objects", "6", "--scales", "32",
+                                             "--batch_size", "16", "--model", "", "--whitening", "",
+                                             "--metrics", str(alone / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((alone / "m.json").read_text())["new_images"] == metrics["new_images"]
+    assert "new_classes" not in json.loads((alone / "m.json").read_text())
 
 
 def test_stage_with_model_and_whitening_is_deterministic(workspace):
@@ -182,31 +198,32 @@ def test_stage_with_model_and_whitening_is_deterministic(workspace):
         assert result.exit_code == 0, result.output
     assert paths[0].read_bytes() == paths[1].read_bytes()
     metrics = json.loads(paths[0].read_text())
-    rows = metrics["levels"]["mild"]
+    rows = metrics["new_classes"]["levels"]["mild"]
     assert set(rows) == {"initial", "finetuned", "finetuned_whitened"}
     assert rows["finetuned"] == rows["initial"] == rows["finetuned_whitened"]
     assert metrics["settings"]["finetuned"]["whitening"]["method"] == "none"
 
 
-def test_stage_skips_when_prepare_wrote_no_test_split(workspace):
+def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
     prepared = workspace / "retrieval-prepared"
     (prepared / "query").mkdir(parents=True)
     (prepared / "report.json").write_text("{}")
     out = workspace / "skipped.json"
-    result = CliRunner().invoke(stage.main, ["--test", str(prepared / "test"), "--model", "", "--whitening", "",
+    result = CliRunner().invoke(stage.main, ["--prepared", str(prepared), "--model", "", "--whitening", "",
                                              "--metrics", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    assert "PROXY" in metrics["note"] and "no test split" in metrics["skipped"] and "levels" not in metrics
-    # Without prepare's report the missing split is an error, not a skip.
-    result = CliRunner().invoke(stage.main, ["--test", str(workspace / "nowhere" / "test"), "--model", "",
+    assert "PROXY" in metrics["note"] and "no evaluation split" in metrics["skipped"]
+    assert "new_images" not in metrics and "new_classes" not in metrics
+    # Without prepare's report the folder is not prepare's output: an error, not a skip.
+    result = CliRunner().invoke(stage.main, ["--prepared", str(workspace / "nowhere"), "--model", "",
                                              "--whitening", "", "--metrics", str(out)])
     assert result.exit_code == 2 and "file not found" in result.output
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--objects", "1"], "--objects"),
-    (["--objects", "11"], "--objects"),
+    (["--objects", "11"], "--objects"),  # more than the 10 items of new_images
     (["--levels", "medium"], "--levels"),
     (["--views_in_database", "0"], "--views_in_database"),
     (["--precision_ks", "0"], "--precision_ks"),
@@ -214,7 +231,7 @@ def test_stage_skips_when_prepare_wrote_no_test_split(workspace):
     (["--whitening", "w.npz", "--model", ""], "--whitening"),
 ])
 def test_stage_rejects_bad_options_in_one_line(workspace, extra, message):
-    result = CliRunner().invoke(stage.main, ["--test", str(workspace / "test"), "--model", "", "--whitening", "",
+    result = CliRunner().invoke(stage.main, ["--prepared", str(workspace), "--model", "", "--whitening", "",
                                              "--metrics", str(workspace / "never.json"), *extra])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()

@@ -20,15 +20,22 @@ def finetuned_values(row: int, seed: int) -> dict:
     return {"recall_at_1": float(0.5 + 0.1 * row + rng.uniform(0, 0.05)), "nmi": float(0.35 + rng.uniform(0, 0.05))}
 
 
+NEW_IMAGES_OFFSET = 0.2  # the fake new_images metrics are the new_classes ones plus this
+
+
 def evaluation(finetuned: dict) -> dict:
-    return {"test": {"items": 10, "initial": {**INITIAL, "recall_at_2": 0.5},
-                     "finetuned": {**finetuned, "recall_at_2": 0.9}}}
+    """An evaluate report: ``finetuned`` on new_classes, the same + NEW_IMAGES_OFFSET on new_images."""
+    shifted = {key: value + NEW_IMAGES_OFFSET for key, value in finetuned.items()}
+    return {"new_images": {"items": 10, "initial": {key: v + NEW_IMAGES_OFFSET for key, v in INITIAL.items()},
+                           "finetuned": shifted},
+            "new_classes": {"items": 10, "initial": {**INITIAL, "recall_at_2": 0.5},
+                            "finetuned": {**finetuned, "recall_at_2": 0.9}}}
 
 
 def proxy(row: int, seed: int) -> dict:
-    return {"note": "PROXY", "levels": {"strong": {"raw_pixels": {"map": 0.1}, "initial": {"map": 0.2},
-                                                   "finetuned": {"map": 0.9},
-                                                   "finetuned_whitened": {"map": 0.3 + 0.1 * row + 0.01 * seed}}}}
+    return {"note": "PROXY", "new_classes": {"levels": {"strong": {
+        "raw_pixels": {"map": 0.1}, "initial": {"map": 0.2}, "finetuned": {"map": 0.9},
+        "finetuned_whitened": {"map": 0.3 + 0.1 * row + 0.01 * seed}}}}}
 
 
 def purity(positives: str, negatives: str, seed: int) -> dict:
@@ -60,7 +67,7 @@ def grid_project(tmp_path):
 def run_report(folder, *extra):
     args = ["--params", str(folder / "params.yaml"), "--metrics-dir", str(folder / "metrics" / "grid"),
             "--grid-dir", str(folder / "data" / "grid"), "--proxy-dir", str(folder / "metrics" / "grid_proxy"),
-            "--markdown", str(folder / "reports" / "table1.md"),
+            "--start-metrics", "", "--markdown", str(folder / "reports" / "table1.md"),
             "--png", str(folder / "reports" / "table1.png"), "--json", str(folder / "reports" / "table1.json"), *extra]
     return CliRunner().invoke(report_stage.main, args)
 
@@ -83,28 +90,43 @@ def test_report_table_from_listed_cells_ignores_stale_files(grid_project):
     assert result.exit_code == 0, result.output
     rows = table_rows((grid_project / "reports" / "table1.md").read_text())
     header, body = rows[0], rows[2:]
-    assert header == ["row", "seeds", "R@1", "NMI", "proxy mAP strong", "P+ purity", "P- purity"]
+    assert header == ["row", "seeds", "new images R@1", "new images NMI", "new classes R@1", "new classes NMI",
+                      "new classes proxy mAP strong", "P+ purity", "P- purity"]
     assert [row[0] for row in body] == ["initial features", *ROWS], "initial row first, then the params' rows"
-    assert body[0][2:5] == ["40.00 ± 0.00", "30.00 ± 0.00", "20.00 ± 0.00"] and body[0][5:] == ["—", "—"]
+    assert body[0][2:7] == ["60.00 ± 0.00", "50.00 ± 0.00", "40.00 ± 0.00", "30.00 ± 0.00", "20.00 ± 0.00"]
+    assert body[0][7:] == ["—", "—"]
     for r, row in enumerate(ROWS):
-        for column, key in ((2, "recall_at_1"), (3, "nmi")):
-            values = [finetuned_values(r, seed)[key] for seed in SEEDS]  # the stale 0.99 cells must not count
+        for column, key, offset in ((2, "recall_at_1", NEW_IMAGES_OFFSET), (3, "nmi", NEW_IMAGES_OFFSET),
+                                    (4, "recall_at_1", 0), (5, "nmi", 0)):
+            values = [finetuned_values(r, seed)[key] + offset for seed in SEEDS]  # stale 0.99 cells must not count
             expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
             assert body[1 + r][column] == expected, (row, key)
         assert body[1 + r][1] == "3"
         maps = [0.3 + 0.1 * r + 0.01 * seed for seed in SEEDS]  # whitened fine-tuned descriptors
-        assert body[1 + r][4] == format_value((statistics.mean(maps), statistics.stdev(maps)))
+        assert body[1 + r][6] == format_value((statistics.mean(maps), statistics.stdev(maps)))
     euclidean = [0.6 + 0.01 * seed for seed in SEEDS]
     random = [0.8 - 0.02 * seed for seed in SEEDS]
-    assert body[1][5] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
-    assert body[1][6] == format_value((statistics.mean(random), statistics.stdev(random)))
-    assert body[2][5:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
+    assert body[1][7] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
+    assert body[1][8] == format_value((statistics.mean(random), statistics.stdev(random)))
+    assert body[2][7:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
 
     table = artifacts.load_json(grid_project / "reports" / "table1.json")
     assert list(table) == ["initial features", *ROWS]
     values = [finetuned_values(1, seed)["recall_at_1"] for seed in SEEDS]
-    assert table[ROWS[1]]["recall_at_1"]["mean"] == pytest.approx(statistics.mean(values))
-    assert table[ROWS[1]]["recall_at_1"]["std"] == pytest.approx(statistics.stdev(values))
+    assert table[ROWS[1]]["new_classes_recall_at_1"]["mean"] == pytest.approx(statistics.mean(values))
+    assert table[ROWS[1]]["new_classes_recall_at_1"]["std"] == pytest.approx(statistics.stdev(values))
+
+
+def test_report_has_the_untrained_start_row_when_given(grid_project):
+    start = evaluation({"recall_at_1": 0.1, "nmi": 0.2})
+    for split in ("new_images", "new_classes"):
+        start[split]["start"] = start[split].pop("finetuned")
+    artifacts.save_json(grid_project / "evaluate.json", start)
+    result = run_report(grid_project, "--start-metrics", str(grid_project / "evaluate.json"))
+    assert result.exit_code == 0, result.output
+    body = table_rows((grid_project / "reports" / "table1.md").read_text())[2:]
+    assert [row[0] for row in body] == ["initial features", "untrained start", *ROWS]
+    assert body[1][1:6] == ["—", "30.00 ± 0.00", "40.00 ± 0.00", "10.00 ± 0.00", "20.00 ± 0.00"]
     assert (grid_project / "reports" / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -120,7 +142,8 @@ def test_proxy_column_only_when_every_listed_cell_has_it(grid_project):
     (grid_project / "metrics" / "grid_proxy" / f"{cell_name(ROWS[1], 1)}.json").unlink()
     assert run_report(grid_project).exit_code == 0
     header = table_rows((grid_project / "reports" / "table1.md").read_text())[0]
-    assert header == ["row", "seeds", "R@1", "NMI", "P+ purity", "P- purity"]
+    assert header == ["row", "seeds", "new images R@1", "new images NMI", "new classes R@1", "new classes NMI",
+                      "P+ purity", "P- purity"]
 
 
 def test_a_listed_cell_without_metrics_is_a_one_line_error(grid_project):
@@ -145,10 +168,10 @@ def test_invalid_grid_params_are_refused(tmp_path, grid, message):
 
 def test_columns_only_where_every_cell_has_the_metric():
     evaluations = {cell_name("a", 0): evaluation({"recall_at_1": 0.5, "nmi": 0.4}),
-                   cell_name("a", 1): {"test": {"initial": INITIAL, "finetuned": {"recall_at_1": 0.7}}}}
+                   cell_name("a", 1): {"new_classes": {"initial": INITIAL, "finetuned": {"recall_at_1": 0.7}}}}
     table = build_table(["a"], [0, 1], evaluations)
-    assert [key for key, _ in table.columns] == ["recall_at_1"]
-    assert table.rows[1].values["recall_at_1"] == pytest.approx(mean_std([0.5, 0.7]))
+    assert [key for key, _ in table.columns] == ["new_classes_recall_at_1"]
+    assert table.rows[1].values["new_classes_recall_at_1"] == pytest.approx(mean_std([0.5, 0.7]))
     assert "| a | 2 | 60.00 ± 14.14 |" in to_markdown(table)
 
 

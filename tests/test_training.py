@@ -241,3 +241,22 @@ def test_pca_head_init_projects_onto_the_principal_components():
     expected = expected / expected.norm(dim=1, keepdim=True)
     # equal up to the sign of each component
     assert torch.allclose(outputs.abs(), expected.abs(), atol=1e-4)
+
+
+def test_pca_whitening_head_init_gives_unit_variance_components():
+    from mom import networks
+
+    net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, 4), seed=0)
+    prefix, suffix = training.split_for_finetuning(net, trainable_blocks=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inputs = prefix(torch.rand(12, 3, 32, 32) * 255)
+    training.init_head_with_pca(suffix, inputs, batch_size=5, whiten=True)
+    with torch.no_grad():
+        pooled = net.pool(net.trunk[suffix.start:](inputs)).double()
+        projected = net.head(pooled.float()).double()  # before the l2 normalization
+    centred = pooled - pooled.mean(0)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vh[:4].T / (singular[:4] / len(pooled) ** 0.5)  # PCA-whitened by definition
+    assert torch.allclose(projected.abs(), expected.abs(), atol=1e-3)
+    assert torch.allclose(projected.T @ projected / len(pooled), torch.eye(4, dtype=torch.float64), atol=1e-3)

@@ -19,7 +19,7 @@ HAVE_FASHION = (FASHION / "train-images-idx3-ubyte.gz").is_file()
 
 # Small params on top of params.yaml (the structure is the real one).
 TINY = {
-    "prepare": {"per_class": 14, "val_per_class": 4},  # finetune: PCA head init needs >= 64 items
+    "prepare": {"per_class": 14, "val_per_class": 4, "new_images_per_class": 4},  # PCA head init: >= 64 items
     "extract": {"batch_size": 64, "threads": 1},
     "graph": {"k": 8, "threads": 1},
     "diffuse": {"k": 20, "block_size": 16, "threads": 1},

@@ -28,7 +28,7 @@ from mom.errors import InputError
 SOURCE = "cars196"
 TRAIN_CLASSES = range(1, 99)
 FULL_TOTAL = 16185
-FULL_SPLITS = {"train": 8054, "test": 8131}
+FULL_SPLITS = {"train": 8054, "new_classes": 8131}
 ANNOTATIONS = "cars_annos.mat"
 
 
@@ -51,9 +51,9 @@ def load_cars(root: str | Path) -> dict[str, list[FileItem]]:
         raise InputError(f"root: {path} is not the Cars196 annotation file ({type(error).__name__}: {error})") from None
     if any(not 1 <= c <= len(names) for c in classes):
         raise InputError(f"root: {path}: class ids must lie in 1..{len(names)}")
-    splits: dict[str, list[FileItem]] = {"train": [], "test": []}
+    splits: dict[str, list[FileItem]] = {"train": [], "new_classes": []}
     for image, relative, class_id in zip(confined_paths(root, image_paths, path), image_paths, classes):
-        split = "train" if class_id in TRAIN_CLASSES else "test"
+        split = "train" if class_id in TRAIN_CLASSES else "new_classes"
         splits[split].append(FileItem(path=image, origin=relative, label=class_id - 1,
                                       class_name=names[class_id - 1]))
     return splits
@@ -65,5 +65,5 @@ def prepare_cars(root: str | Path, max_side: int = 512, workers: int = 1, downlo
     splits = load_cars(root)
     counts = {split: len(items) for split, items in splits.items()}
     full = check_full_counts("Cars196", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "classes 1-98 train, 99-196 test", "full_set": full}
+    info = {"split_rule": "classes 1-98 train, 99-196 new_classes", "full_set": full}
     return category_dataset(SOURCE, splits, max_side, workers, info)

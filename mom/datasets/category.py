@@ -1,6 +1,7 @@
 """Shared shape of the category-level datasets (CUB-200-2011, Cars196, SOP):
 zero-shot splits by class, ``train`` unlabeled for mining (labels kept for
-evaluation reports only) and ``test`` on held-out classes."""
+evaluation reports only) and ``new_classes`` on held-out classes (the
+zero-shot protocol: the collection contains none of them)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +39,7 @@ def as_int(value: str, where: str) -> int:
 def category_dataset(
     source: str, splits: dict[str, list[FileItem]], max_side: int, workers: int, info: dict
 ) -> PreparedDataset:
-    """``train``/``test`` from the given items (missing files: an error before
+    """``train``/``new_classes`` from the given items (missing files: an error before
     decoding; corrupt ones: skipped and reported), empty ``val``."""
     for split, items in splits.items():
         require_files(items, f"{split} images")

@@ -25,7 +25,7 @@ from mom.errors import InputError
 SOURCE = "cub"
 TRAIN_CLASSES = range(1, 101)
 FULL_TOTAL = 11788
-FULL_SPLITS = {"train": 5864, "test": 5924}
+FULL_SPLITS = {"train": 5864, "new_classes": 5924}
 URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 
 
@@ -57,12 +57,12 @@ def load_cub(root: str | Path) -> dict[str, list[FileItem]]:
     unknown = sorted(set(labels.values()) - set(names))
     if unknown:
         raise InputError(f"root: image_class_labels.txt uses classes {unknown[:5]} missing from classes.txt")
-    splits: dict[str, list[FileItem]] = {"train": [], "test": []}
+    splits: dict[str, list[FileItem]] = {"train": [], "new_classes": []}
     ids = sorted(paths)
     images = confined_paths(folder / "images", [paths[image_id] for image_id in ids], folder / "images.txt")
     for image_id, image in zip(ids, images):
         class_id = labels[image_id]
-        split = "train" if class_id in TRAIN_CLASSES else "test"
+        split = "train" if class_id in TRAIN_CLASSES else "new_classes"
         splits[split].append(FileItem(path=image, origin=f"images/{paths[image_id]}",
                                       label=class_id - 1, class_name=names[class_id]))
     return splits
@@ -76,5 +76,5 @@ def prepare_cub(
     splits = load_cub(root)
     counts = {split: len(items) for split, items in splits.items()}
     full = check_full_counts("CUB-200-2011", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "classes 1-100 train, 101-200 test", "full_set": full}
+    info = {"split_rule": "classes 1-100 train, 101-200 new_classes", "full_set": full}
     return category_dataset(SOURCE, splits, max_side, workers, info)

@@ -2,11 +2,19 @@
 ``dataset-fashion-mnist`` installs them in ``/usr/share/datasets/fashion-mnist``).
 
 Both the ``train`` (60,000) and ``t10k`` (10,000) files are pooled: 70,000
-28x28 grayscale images, 7,000 per class. The zero-shot protocol splits them by
-class: ``train_classes`` form the unlabeled training collection (their labels
-are stored for evaluation reports only), ``test_classes`` the held-out test
-set, and ``val_per_class`` images of each training class form a validation
-split disjoint from ``train`` (for choosing hyperparameters, never mined).
+28x28 grayscale images, 7,000 per class. Four splits:
+
+- ``train``: ``per_class`` images of each of ``train_classes`` from the
+  ``train`` file, the unlabeled training collection (labels stored for
+  evaluation reports only);
+- ``val``: ``val_per_class`` other images of each training class from the
+  ``train`` file, for choosing hyperparameters (never mined);
+- ``new_images``: ``new_images_per_class`` images of each training class from
+  the ``t10k`` file: new images of the collection's own classes, disjoint from
+  ``train`` and ``val`` by origin (never used to choose anything);
+- ``new_classes``: ``per_class`` images of each of ``test_classes`` (from both
+  files), classes the collection does not contain (the zero-shot protocol of
+  CUB-200-2011).
 """
 from __future__ import annotations
 
@@ -31,6 +39,9 @@ FILES = (
     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 )
 IMAGES_PER_CLASS = 7000
+TRAIN_FILE_IMAGES_PER_CLASS = 6000
+T10K_IMAGES_PER_CLASS = 1000
+T10K_FIRST_INDEX = 60000  # the t10k file's images follow the train file's 60,000
 _IDX_UBYTE = 0x08
 
 
@@ -102,7 +113,8 @@ def validate_params(
     test_classes: Sequence[int],
     per_class: int | None,
     val_per_class: int,
-    available: int = IMAGES_PER_CLASS,
+    new_images_per_class: int = 0,
+    available: int = TRAIN_FILE_IMAGES_PER_CLASS,
 ) -> tuple[list[int], list[int]]:
     """Check the split parameters (before any file is read); return the sorted class lists."""
     train = _checked_classes("train_classes", train_classes)
@@ -115,11 +127,16 @@ def validate_params(
     if val_per_class < 0:
         raise InputError(f"val_per_class: must be >= 0, got {val_per_class}")
     if val_per_class >= available:
-        raise InputError(f"val_per_class: {val_per_class} leaves no training image (each class has {available})")
+        raise InputError(f"val_per_class: {val_per_class} leaves no training image (the train file holds "
+                         f"{available} per class)")
     if per_class and per_class + val_per_class > available:
         raise InputError(
-            f"per_class: {per_class} + val_per_class {val_per_class} exceeds the {available} images of a class"
+            f"per_class: {per_class} + val_per_class {val_per_class} exceeds the {available} images of a class "
+            "in the train file"
         )
+    if not 0 <= new_images_per_class <= T10K_IMAGES_PER_CLASS:
+        raise InputError(f"new_images_per_class: must be in 0..{T10K_IMAGES_PER_CLASS} (the t10k file's images "
+                         f"of a class), got {new_images_per_class}")
     return train, test
 
 
@@ -130,27 +147,46 @@ def prepare_fashion_mnist(
     per_class: int | None = 1200,
     val_per_class: int = 200,
     seed: int = 0,
+    new_images_per_class: int = 600,
 ) -> PreparedDataset:
-    """The zero-shot splits ``train``, ``val`` (training classes, disjoint from
-    ``train``) and ``test`` (held-out classes), each in original file order.
+    """The splits ``train``, ``val``, ``new_images`` and ``new_classes`` (module
+    doc), each in original file order.
 
-    ``per_class`` images per class are drawn for ``train`` and ``test``
+    ``per_class`` images per class are drawn for ``train`` and ``new_classes``
     (``0``/``None`` = all); ``val`` takes ``val_per_class`` other images of each
-    training class. Deterministic in ``seed`` (see :func:`per_class_sample`).
+    training class; ``new_images`` takes ``new_images_per_class`` images of each
+    training class from the ``t10k`` file. Deterministic in ``seed`` (see
+    :func:`per_class_sample`); no split depends on another split's size param.
     """
-    train, test = validate_params(train_classes, test_classes, per_class, val_per_class)
+    train, test = validate_params(train_classes, test_classes, per_class, val_per_class, new_images_per_class)
     images, labels, origins = load_fashion_mnist(root)
     counts = np.bincount(labels, minlength=len(CLASS_NAMES))
     short = [c for c in train + test if counts[c] < IMAGES_PER_CLASS]
     if short:
         raise InputError(f"root: classes {short} have fewer than {IMAGES_PER_CLASS} images; the IDX files are incomplete")
+    per_file = np.bincount(labels[T10K_FIRST_INDEX:], minlength=len(CLASS_NAMES))
+    uneven = [c for c in train if per_file[c] != T10K_IMAGES_PER_CLASS]
+    if uneven:
+        raise InputError(f"root: the t10k file holds {per_file[uneven].tolist()} images of classes {uneven}, "
+                         f"not {T10K_IMAGES_PER_CLASS} each; the IDX files are not the released ones")
     take = per_class or None
-    val_index, train_index = per_class_sample(labels, train, [val_per_class, take], seed, salt=0)
+    val_index, train_index = per_class_sample(from_file(labels, "train"), train, [val_per_class, take], seed, salt=0)
     (test_index,) = per_class_sample(labels, test, [take], seed, salt=1)
-    indices = {"train": train_index, "val": val_index, "test": test_index}
+    (new_images_index,) = per_class_sample(from_file(labels, "t10k"), train, [new_images_per_class], seed, salt=2)
+    indices = {"train": train_index, "val": val_index, "new_images": new_images_index, "new_classes": test_index}
     splits = {name: _split_stream(name, index, images, labels, origins) for name, index in indices.items()}
     info = {"classes": {str(c): name for c, name in enumerate(CLASS_NAMES)}, "train_classes": train, "test_classes": test}
     return PreparedDataset(source=SOURCE, splits=splits, info=info)
+
+
+def from_file(labels: np.ndarray, name: str) -> np.ndarray:
+    """``labels`` with the images of the other IDX file marked -1 (no class)."""
+    kept = labels.copy()
+    if name == "train":
+        kept[T10K_FIRST_INDEX:] = -1
+    else:
+        kept[:T10K_FIRST_INDEX] = -1
+    return kept
 
 
 def _split_stream(name, index, images, labels, origins) -> SplitStream:

@@ -13,8 +13,12 @@ Rules (the README repeats them):
   query paths must stay inside ``query_root`` (no absolute paths, no ``..``).
 - Non-UTF-8 file names (Linux bytes names) are read; the manifest's
   ``origin`` and the report write their undecodable bytes as ``\\xNN``.
-- Splits: ``root`` is the ``train`` split; ``test_root`` (optional) is the
-  ``test`` split; ``val`` is empty. The two folders must not contain each other.
+- Splits: ``root`` is the ``train`` split; ``val`` is empty. The images of
+  ``test_root`` (optional; it and ``root`` must not contain each other) are
+  ``new_images`` (new images of the collection's classes) or ``new_classes``
+  (classes the collection does not contain): with ``labels_from_folders`` an
+  image whose class folder also occurs under ``root`` is a new image, one whose
+  class does not is a new class; without labels every test image is a new image.
 - Labels: unlabeled by default. With ``labels_from_folders`` the first
   sub-folder under the root is the class name; class ids are the sorted union
   of the names found under both roots (same name = same id); files directly in
@@ -35,7 +39,7 @@ Rules (the README repeats them):
   :data:`mom.datasets.retrieval.RELEVANCE_LEVELS`; the column may be left out:
   positive). Then the splits are ``train`` (root), ``query`` (the listed
   queries, sorted, whole images), ``database`` (every image of ``test_root``)
-  and empty ``val``/``test``, and ``ground_truth.parquet`` is written; the
+  and empty ``val``/``new_images``/``new_classes``, and ``ground_truth.parquet`` is written; the
   protocol is ``positive`` (positives; junk ignored; other pairs negative).
   Listed queries and listed database images must decode; other database files
   follow the skip-and-report rule.
@@ -102,34 +106,61 @@ def prepare_folder(
     query_root: str | Path | None = None,
     ground_truth: str | Path | None = None,
 ) -> PreparedDataset:
-    """The ``train`` split from ``root``, ``test`` from ``test_root`` (or empty),
-    an empty ``val``; with ``ground_truth``, ``query`` and ``database`` splits
-    instead of ``test`` (module doc). Rejected files are appended to the
-    result's ``rejected`` while the splits are streamed."""
+    """The ``train`` split from ``root``, ``new_images`` and ``new_classes`` from
+    ``test_root`` (or empty), an empty ``val``; with ``ground_truth``, ``query``
+    and ``database`` splits instead (module doc). Rejected files are appended to
+    the result's ``rejected`` while the splits are streamed."""
     if max_side is not None and max_side < 0:
         raise InputError(f"max_side: must be >= 0 (0 = keep the size), got {max_side}")
     root, test_root = _checked_roots(root, test_root)
-    listings = {"train": list_files(root), "test": list_files(test_root) if test_root else ([], [])}
-    if not listings["train"][0]:
+    train_listing = list_files(root)
+    test_listing = list_files(test_root) if test_root else ([], [])
+    if not train_listing[0]:
         raise InputError(
             f"root: no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, recursively)"
         )
     class_ids = {}
     if labels_from_folders:
-        names = {_first_folder(rel) for candidates, _ in listings.values() for rel in candidates} - {None}
+        names = {_first_folder(rel) for rel in train_listing[0] + test_listing[0]} - {None}
         class_ids = {name: index for index, name in enumerate(sorted(names))}
     dataset = PreparedDataset(source=SOURCE, splits={}, info={"classes": {str(i): n for n, i in class_ids.items()}})
-    items_by_split = {}
-    for split, folder in (("train", root), ("test", test_root)):
-        candidates, skipped = listings[split]
-        dataset.rejected.extend({"split": split, "path": display_path(rel), "reason": reason} for rel, reason in skipped)
-        items = items_by_split[split] = [_folder_item(folder, rel, class_ids) for rel in candidates]
-        dataset.splits[split] = file_split(SOURCE, split, items, dataset, max_side or 0, workers, exif=True)
+    _add_split(dataset, "train", root, train_listing, class_ids, max_side, workers)
     dataset.splits["val"] = empty_split()
     if ground_truth:
         rows = read_ground_truth_file(ground_truth)
-        _add_retrieval_splits(dataset, rows, items_by_split["test"], test_root, query_root, max_side, workers, ground_truth)
+        test_items = [_folder_item(test_root, rel, class_ids) for rel in test_listing[0]] if test_root else []
+        _add_retrieval_splits(dataset, rows, test_items, test_listing[1], test_root, query_root, max_side, workers,
+                              ground_truth)
+        return dataset
+    collection_classes = {_first_folder(rel) for rel in train_listing[0]} - {None}
+    for split, listing in split_by_class(test_listing, collection_classes if labels_from_folders else None).items():
+        _add_split(dataset, split, test_root, listing, class_ids, max_side, workers)
     return dataset
+
+
+def split_by_class(listing, collection_classes: set[str] | None) -> dict[str, tuple[list, list]]:
+    """Divide a test folder's listing (candidates, skipped) into ``new_images``
+    and ``new_classes``: a path whose class folder is not among
+    ``collection_classes`` is a new class; with ``None`` (no labels) every path
+    is a new image."""
+    def is_new_class(relative: str) -> bool:
+        name = _first_folder(relative)
+        return collection_classes is not None and name is not None and name not in collection_classes
+
+    candidates, skipped = listing
+    return {
+        "new_images": ([rel for rel in candidates if not is_new_class(rel)],
+                       [entry for entry in skipped if not is_new_class(entry[0])]),
+        "new_classes": ([rel for rel in candidates if is_new_class(rel)],
+                        [entry for entry in skipped if is_new_class(entry[0])]),
+    }
+
+
+def _add_split(dataset, split, folder, listing, class_ids, max_side, workers) -> None:
+    candidates, skipped = listing
+    dataset.rejected.extend({"split": split, "path": display_path(rel), "reason": reason} for rel, reason in skipped)
+    items = [_folder_item(folder, rel, class_ids) for rel in candidates]
+    dataset.splits[split] = file_split(SOURCE, split, items, dataset, max_side or 0, workers, exif=True)
 
 
 def read_ground_truth_file(path: str | Path) -> list[tuple[str, str, str]]:
@@ -168,7 +199,8 @@ def read_ground_truth_file(path: str | Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _add_retrieval_splits(dataset, rows, test_items, test_root, query_root, max_side, workers, ground_truth) -> None:
+def _add_retrieval_splits(dataset, rows, test_items, test_skipped, test_root, query_root, max_side, workers,
+                          ground_truth) -> None:
     if test_root is None:
         raise InputError("ground_truth: needs test_root (the database images)")
     query_folder = Path(query_root) if query_root else test_root
@@ -187,9 +219,8 @@ def _add_retrieval_splits(dataset, rows, test_items, test_root, query_root, max_
     query_items = [FileItem(path=path, origin=q, required=True) for q, path in zip(queries, query_paths)]
     dataset.splits["database"] = file_split(SOURCE, "database", database, dataset, max_side or 0, workers, exif=True)
     dataset.splits["query"] = file_split(SOURCE, "query", query_items, dataset, max_side or 0, workers, exif=True)
-    dataset.splits["test"] = empty_split()
-    dataset.rejected[:] = [entry for entry in dataset.rejected if entry["split"] != "test"] + [
-        {**entry, "split": "database"} for entry in dataset.rejected if entry["split"] == "test"]
+    dataset.rejected.extend({"split": "database", "path": display_path(rel), "reason": reason}
+                            for rel, reason in test_skipped)
     query_index = {q: i for i, q in enumerate(queries)}
 
     def table() -> pa.Table:

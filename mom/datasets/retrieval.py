@@ -3,7 +3,7 @@
 A benchmark source parses its released ground truth into a :class:`Benchmark`
 (database files, query files with their crop boxes, relevance triples) and
 :func:`retrieval_dataset` turns it into the splits ``query``, ``database``,
-``train`` (and empty ``val``/``test``) plus the ground-truth table.
+``train`` (and an empty ``val``) plus the ground-truth table.
 
 Ground truth (``ground_truth.parquet``, :data:`GROUND_TRUTH_SCHEMA`): one row
 per (query, database item) pair the benchmark annotates; ``query`` and
@@ -164,7 +164,6 @@ def retrieval_dataset(
         "database": file_split(name, "database", database, dataset, max_side, workers),
         "train": file_split(name, "train", train_items, dataset, max_side, workers, exif=bool(train_root)),
         "val": empty_split(),
-        "test": empty_split(),
     }
     dataset.info = {
         "benchmark": name,

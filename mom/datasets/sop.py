@@ -20,10 +20,10 @@ from mom.datasets.images import FileItem
 from mom.errors import InputError
 
 SOURCE = "sop"
-LISTS = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
+LISTS = {"train": "Ebay_train.txt", "new_classes": "Ebay_test.txt"}
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
 FULL_TOTAL = 59551 + 60502
-FULL_SPLITS = {"train": 59551, "test": 60502}
+FULL_SPLITS = {"train": 59551, "new_classes": 60502}
 
 
 def _read_list(path: Path) -> list[list[str]]:
@@ -49,7 +49,7 @@ def load_sop(root: str | Path) -> dict[str, list[FileItem]]:
             items.append(FileItem(path=image, origin=relative, label=label, class_name=f"{folder}/{label + 1}"))
         splits[split] = items
         classes[split] = {item.label for item in items}
-    shared = classes["train"] & classes["test"]
+    shared = classes["train"] & classes["new_classes"]
     if shared:
         raise InputError(f"root: Ebay_train.txt and Ebay_test.txt share class ids (e.g. {min(shared) + 1})")
     return splits
@@ -61,5 +61,5 @@ def prepare_sop(root: str | Path, max_side: int = 512, workers: int = 1, downloa
     splits = load_sop(root)
     counts = {split: len(items) for split, items in splits.items()}
     full = check_full_counts("Stanford Online Products", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "Ebay_train.txt train, Ebay_test.txt test", "full_set": full}
+    info = {"split_rule": "Ebay_train.txt train, Ebay_test.txt new_classes", "full_set": full}
     return category_dataset(SOURCE, splits, max_side, workers, info)
