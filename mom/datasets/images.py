@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mom.datasets import PreparedDataset, SplitStream
-from mom.datasets.annotations import is_within
 from mom.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -158,7 +157,7 @@ def _unusable_entry(path: Path, inside: Path) -> str | None:
         target = path.resolve()
         if not target.exists():
             return BROKEN_LINK_REASON
-        if not is_within(inside, target):
+        if inside != target and inside not in target.parents:
             return OUTSIDE_REASON
     if not path.is_file():
         return SPECIAL_REASON
