@@ -44,7 +44,7 @@ SUMMARY_FILE = "index.json"
 def validate(options: dict) -> None:
     splits = options["splits"]
     require(len(splits) > 0, "splits: name at least one split to index")
-    require(len(set(splits)) == len(splits), f"splits: repeated name in {list(splits)}")
+    require(len(set(splits)) == len(splits), f"splits: names must be distinct, got {list(splits)}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
     require(options["threads"] >= 0, f"threads: must be 0 (torch's default) or more, got {options['threads']}")
     require(options["gem_p"] > 0, f"gem_p: must be positive, got {options['gem_p']}")
