@@ -39,6 +39,8 @@ from stages._cli import StageCommand, require, stage_command
 
 log = logging.getLogger("mom")
 
+EMBED_BATCH = 64  # query files embedded together
+SUMMARY_KEYS = ("items", "splits", "max_side", "finetuned", "initial")
 EMBEDDINGS = (("finetuned", "fine-tuned"), ("initial", "initial features"))
 NO_PCA_WHITENING = ("extract.pca_whiten is on and extract does not save its PCA whitening, "
                     "so a query file cannot be put in the initial features' space")
@@ -53,6 +55,18 @@ class Query:
     row: int = -1  # its index row when it is an indexed item (left out of its answer)
     pixels: np.ndarray | None = None  # a query file's decoded pixels
     vectors: dict = field(default_factory=dict)
+
+
+def load_summary(index_dir: Path) -> dict:
+    path = index_dir / "index.json"
+    require(path.is_file(), f"{path}: not found; build the index first (dvc repro index)")
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not readable JSON ({error}); rerun the index stage") from None
+    missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
+    require(not missing, f"{path}: missing keys {missing} (rerun the index stage)")
+    return summary
 
 
 def parse_item(text: str, splits: dict[str, int]) -> tuple[str, int]:
@@ -95,14 +109,13 @@ def embed_files(queries: list[Query], summary: dict, model_path: Path, whitening
     from mom import extraction, networks, whitening  # torch: only when a file is to be embedded
 
     finetuned = summary["finetuned"]
-    for path, key in ((model_path, "model_sha256"), (whitening_path, "sha256")):
-        recorded = finetuned[key] if key == "model_sha256" else finetuned["whitening"][key]
-        require(path.is_file(), f"{path}: file not found (the fine-tuned model embeds query files)")
+    for path, recorded in ((model_path, finetuned["model_sha256"]), (whitening_path, finetuned["whitening"]["sha256"])):
+        require(path.is_file(), f"{path}: file not found (query files are embedded with the fine-tuned model)")
         require(search.file_sha256(path) == recorded, f"{path}: changed since the index was built (rerun the index stage)")
     images = [query.pixels for query in queries]
     net, _ = networks.load_checkpoint(model_path)
     mean, projection, _ = whitening.load_whitening(whitening_path)
-    raw = extraction.embed_store(net, images, scales=finetuned["scales"], batch_size=len(images),
+    raw = extraction.embed_store(net, images, scales=finetuned["scales"], batch_size=EMBED_BATCH,
                                  aggregation=finetuned["aggregation"], progress=False)
     for query, vector in zip(queries, whitening.apply_whitening(raw, mean, projection)):
         query.vectors["finetuned"] = vector
@@ -112,7 +125,7 @@ def embed_files(queries: list[Query], summary: dict, model_path: Path, whitening
         return
     meta = networks.make_meta(initial["backbone"], initial["pooling"], initial["gem_p"])
     net = networks.build_network(meta, weights=initial["weights"] or None)
-    vectors = extraction.embed_store(net, images, scales=initial["scales"], batch_size=len(images),
+    vectors = extraction.embed_store(net, images, scales=initial["scales"], batch_size=EMBED_BATCH,
                                      aggregation=initial["aggregation"], aggregation_p=initial["gem_p"], progress=False)
     for query, vector in zip(queries, vectors):
         query.vectors["initial"] = vector
@@ -190,9 +203,7 @@ def main(query_files, query_items, k, as_json, sheet, index_dir, prepared, model
     require(k >= 1, f"--k: must be at least 1, got {k}")
     require(sheet is None or len(query_files) + len(query_items) == 1,
             "--sheet: draws one query; give a single --query or --item")
-    require((index_dir / "index.json").is_file(),
-            f"{index_dir / 'index.json'}: not found; build the index first (dvc repro index)")
-    summary = artifacts.load_json(index_dir / "index.json")
+    summary = load_summary(index_dir)
     items = search.load_items(index_dir / "items.parquet")
     require(len(items) == summary["items"], f"{index_dir}: items.parquet and index.json disagree (rerun the index stage)")
     queries = item_queries(query_items, summary, items) + file_queries(query_files, summary["max_side"])
