@@ -35,7 +35,7 @@ from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
-DEFAULT_SPLITS = ("train", "new_images", "new_classes", "test", "database")
+DEFAULT_SPLITS = ("train", "new_images", "new_classes", "database")
 INDEX_FILES = {"finetuned": "finetuned.faiss", "initial": "initial.faiss"}
 ITEMS_FILE = "items.parquet"
 SUMMARY_FILE = "index.json"

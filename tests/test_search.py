@@ -149,7 +149,7 @@ def synthetic_images(n, seed):
 def collection(tmp_path_factory):
     """data/{prepared,features,finetune,whiten} of a tiny project, the features written by extract itself."""
     data = tmp_path_factory.mktemp("search") / "data"
-    for split, n, seed in (("train", 24, 0), ("test", 12, 1)):
+    for split, n, seed in (("train", 24, 0), ("new_classes", 12, 1)):
         write_image_store(data / "prepared" / split, synthetic_images(n, seed), {
             "source": ["synthetic"] * n, "split": [split] * n, "origin": [f"{split}/{i:03d}.png" for i in range(n)]})
     result = CliRunner().invoke(extract.main, ["--prepared", str(data / "prepared"), "--out-dir", str(data / "features"),
@@ -184,36 +184,36 @@ def run_search(data, *args):
 
 def test_index_holds_both_embeddings_of_every_present_split(collection):
     summary = artifacts.load_json(collection / "index" / "index.json")
-    assert summary["splits"] == {"train": 24, "test": 12} and summary["items"] == 36
-    assert summary["skipped"] == ["new_images", "new_classes", "database"]
+    assert summary["splits"] == {"train": 24, "new_classes": 12} and summary["items"] == 36
+    assert summary["skipped"] == ["new_images", "database"]
     assert summary["initial"]["scales"] == [SCALE] and summary["finetuned"]["scales"] == [SCALE]
     items = search.load_items(collection / "index" / "items.parquet")
-    assert items.column("split").to_pylist() == ["train"] * 24 + ["test"] * 12
+    assert items.column("split").to_pylist() == ["train"] * 24 + ["new_classes"] * 12
     assert items.column("item").to_pylist() == [*range(24), *range(12)]
     initial = search.load_index(collection / "index" / "initial.faiss").reconstruct_n(0, 36)
-    stored = np.concatenate([np.load(collection / "features" / f"{split}.npy") for split in ("train", "test")])
+    stored = np.concatenate([np.load(collection / "features" / f"{split}.npy") for split in ("train", "new_classes")])
     np.testing.assert_array_equal(initial, stored)
     net, _ = networks.load_checkpoint(collection / "finetune" / "model.pt")
     mean, projection, _ = whitening.load_whitening(collection / "whiten" / "whitening.npz")
     from mom.extraction import embed_store
 
-    expected = whitening.apply_whitening(embed_store(net, ImageStore.open(collection / "prepared" / "test"),
+    expected = whitening.apply_whitening(embed_store(net, ImageStore.open(collection / "prepared" / "new_classes"),
                                                      scales=[SCALE], progress=False), mean, projection)
     finetuned = search.load_index(collection / "index" / "finetuned.faiss").reconstruct_n(24, 12)
     np.testing.assert_allclose(finetuned, expected, atol=1e-5)
 
 
 def test_item_query_json_is_the_brute_force_top_k(collection):
-    result = run_search(collection, "--item", "test:4", "--k", "6", "--json")
+    result = run_search(collection, "--item", "new_classes:4", "--k", "6", "--json")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)["queries"][0]
-    assert answer["query"] == {"split": "test", "item": 4, "origin": "test/004.png"}
+    assert answer["query"] == {"split": "new_classes", "item": 4, "origin": "new_classes/004.png"}
     for name, file in (("finetuned", "finetuned.faiss"), ("initial", "initial.faiss")):
         X = search.load_index(collection / "index" / file).reconstruct_n(0, 36)
         rows, sims = brute_force(X, X[24 + 4], 6, exclude=24 + 4)
         got = answer[name]
         assert [a["rank"] for a in got] == [1, 2, 3, 4, 5, 6]
-        assert [(a["split"], a["item"]) for a in got] == [("train", r) if r < 24 else ("test", r - 24) for r in rows]
+        assert [(a["split"], a["item"]) for a in got] == [("train", r) if r < 24 else ("new_classes", r - 24) for r in rows]
         assert [a["origin"] for a in got] == [f"{a['split']}/{a['item']:03d}.png" for a in got]
         np.testing.assert_allclose([a["similarity"] for a in got], sims, atol=1e-5)
 
@@ -238,14 +238,14 @@ def test_a_query_file_of_an_indexed_image_finds_it_first_and_the_sheet_is_writte
 
 
 def test_readable_table_and_several_files_in_one_call(collection, tmp_path):
-    store = ImageStore.open(collection / "prepared" / "test")
+    store = ImageStore.open(collection / "prepared" / "new_classes")
     for item in (0, 7):
         Image.fromarray(store[item][:, :, 0]).save(tmp_path / f"{item}.png")
     result = run_search(collection, "--query", tmp_path / "0.png", "--query", tmp_path / "7.png", "--k", "2")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"query {tmp_path / '0.png'}" and lines[1] == "  fine-tuned:"
-    assert lines[2].split()[0] == "1" and lines[2].split()[2:] == ["test:0", "test/000.png"]
+    assert lines[2].split()[0] == "1" and lines[2].split()[2:] == ["new_classes:0", "new_classes/000.png"]
     assert lines[4] == "  initial features:" and f"query {tmp_path / '7.png'}" in lines
 
 
@@ -278,7 +278,7 @@ def bad_files(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("args,message", [
     (("--item", "val:1"), "--item val:1: split 'val' is not indexed (indexed: train, test)"),
-    (("--item", "test:12"), "--item test:12: id out of range (test has items 0..11)"),
+    (("--item", "new_classes:12"), "--item new_classes:12: id out of range (new_classes has items 0..11)"),
     (("--item", "test"), "--item 'test': expected <split>:<id>"),
     (("--item", "train:3", "--k", "36"), "k=36: must be in 1..35"),
     ((), "give a query: --query <image file> or --item <split>:<id>"),
