@@ -277,7 +277,7 @@ def bad_files(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--item", "val:1"), "--item val:1: split 'val' is not indexed (indexed: train, test)"),
+    (("--item", "val:1"), "--item val:1: split 'val' is not indexed (indexed: train, new_classes)"),
     (("--item", "new_classes:12"), "--item new_classes:12: id out of range (new_classes has items 0..11)"),
     (("--item", "test"), "--item 'test': expected <split>:<id>"),
     (("--item", "train:3", "--k", "36"), "k=36: must be in 1..35"),
