@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from mom import artifacts, distributed
 from mom.losses import active_fraction, reduce_losses, tuple_losses
+from mom.pooling import l2n
 from mom.tuples import Pools, Tuples, select_tuples
 
 log = logging.getLogger("mom")
@@ -269,7 +270,10 @@ class SquarePixels:
 
 class NetworkSuffix(torch.nn.Module):
     """The trainable part of an ``EmbeddingNet``: trunk stages ``start..``,
-    pooling, head, l2n (``net.forward_from(x, start)``)."""
+    pooling, head, l2n (``net.forward_from(x, start)``).
+
+    ``embed_pooled(pooled(x)) == forward(x)``: the two halves HDML needs (its
+    generator maps embeddings back to pooled features, which are re-embedded)."""
 
     def __init__(self, net: torch.nn.Module, start: int):
         super().__init__()
@@ -277,6 +281,20 @@ class NetworkSuffix(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_from(x, self.start)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk stages ``start..`` then pooling: the descriptor before the head ``(B, channels)``."""
+        if self.start == 0:
+            x = self.net.normalize(x)
+        for block in self.net.trunk[self.start:]:
+            x = block(x)
+        return self.net.pool(x)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Head (if any) and l2n of pooled descriptors."""
+        if self.net.head is not None:
+            pooled = self.net.head(pooled)
+        return l2n(pooled)
 
 
 def trainable_start(n_stages: int, trainable_blocks: int | None) -> int:
@@ -324,16 +342,8 @@ def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int, w
     net = suffix.net
     if net.head is None:
         raise ValueError("the network has no FC head to initialize")
-
-    def pooled(x):
-        if suffix.start == 0:
-            x = net.normalize(x)
-        for block in net.trunk[suffix.start:]:
-            x = block(x)
-        return net.pool(x)
-
     # the eigendecomposition on the CPU: the same head for the same descriptors on any device
-    descriptors = run_in_batches(pooled, inputs, np.arange(len(inputs)), batch_size).cpu().double()
+    descriptors = run_in_batches(suffix.pooled, inputs, np.arange(len(inputs)), batch_size).cpu().double()
     dim = net.head.out_features
     if len(descriptors) < dim:
         raise ValueError(f"PCA head init needs at least {dim} training items, got {len(descriptors)}")
