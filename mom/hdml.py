@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from mom.losses import npair_loss, triplet_loss
+from mom.metrics import kmeans_clusters
 
 LAYOUTS = ("triplet", "npair")
 
@@ -76,8 +78,10 @@ def augment_negatives(anchor: torch.Tensor, positive: torch.Tensor, negative: to
     return torch.where(farther, moved, negative.expand_as(moved))
 
 
-def moved_fraction(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Per leading index, 1 where the augmentation moves the negative (``d- > d+``), else 0."""
+def farther_fraction(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Per leading index, 1 where the negative is farther than the positive
+    (``d- > d+``: the augmentation moves it, by a factor ``exp(-alpha / J_avg)``
+    of ``d- - d+``), else 0."""
     with torch.no_grad():
         return (_distance(anchor, negative) > _distance(anchor, positive)).squeeze(-1).float()
 
@@ -166,6 +170,18 @@ def metric_objective(j_m: torch.Tensor, j_syn: torch.Tensor, beta: float, j_gen:
     return weight * j_m + (1.0 - weight) * j_syn
 
 
+# ------------------------------------------------------------ without labels (hdml.md section 6)
+
+
+def pseudo_labels(embeddings: np.ndarray, n_clusters: int, seed: int, n_init: int = 10) -> np.ndarray:
+    """Pseudo-labels for HDML's softmax layer without class labels: the k-means
+    clusters (:func:`mom.metrics.kmeans_clusters`) of the embeddings of the
+    training items, ``0 .. n_clusters - 1``."""
+    if not 2 <= n_clusters <= len(embeddings):
+        raise ValueError(f"pseudo-labels need 2 .. {len(embeddings)} clusters, got {n_clusters}")
+    return kmeans_clusters(embeddings, n_clusters, seed, n_init).astype(np.int64)
+
+
 # ------------------------------------------------------------ the training status
 
 
@@ -233,7 +249,7 @@ class HDMLSettings:
             raise ValueError(f"margin must be > 0, got {self.margin}")
 
 
-def synthesis_dims(net: nn.Module) -> tuple[int, int]:
+def synthesis_dims(net: nn.Module | None) -> tuple[int, int]:
     """``(embedding dim, pooled feature dim)`` of an ``EmbeddingNet``'s head;
     ValueError without a head."""
     head = getattr(net, "head", None)
@@ -251,7 +267,7 @@ class HDML(nn.Module):
 
     def __init__(self, metric: nn.Module, n_classes: int | None = None, hidden: int = 512, seed: int = 0):
         super().__init__()
-        embedding_dim, feature_dim = synthesis_dims(metric.net)
+        embedding_dim, feature_dim = synthesis_dims(getattr(metric, "net", None))
         self.metric = metric
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -265,7 +281,10 @@ class HDML(nn.Module):
         return [] if self.softmax is None else list(self.softmax.parameters())
 
     def forward(self, x: torch.Tensor, layout: str, status: TrainingStatus, settings: HDMLSettings,
-                labels: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                labels: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                groups: int = 1) -> dict[str, torch.Tensor]:
+        """Per-anchor terms of the rows ``x`` (inputs of the metric): one block
+        of triplets, or ``groups`` consecutive N-pair groups of equal size."""
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if (labels is None) != (self.softmax is None):
@@ -276,7 +295,13 @@ class HDML(nn.Module):
             return triplet_terms(self, features, embeddings, status, settings, labels, weights)
         if weights is not None:
             raise ValueError("the N-pair layout takes no tuple weights")
-        return npair_terms(self, features, embeddings, status, settings, labels)
+        if len(x) % groups:
+            raise ValueError(f"{len(x)} rows do not split into {groups} equal N-pair groups")
+        group_labels = [None] * groups if labels is None else labels.chunk(groups)
+        per_group = [npair_terms(self, group_features, group_embeddings, status, settings, group_label)
+                     for group_features, group_embeddings, group_label
+                     in zip(features.chunk(groups), embeddings.chunk(groups), group_labels)]
+        return {name: torch.cat([terms[name] for terms in per_group]) for name in per_group[0]}
 
 
 def _per_anchor(per_row: torch.Tensor, rows_per_anchor: int) -> torch.Tensor:
@@ -322,7 +347,7 @@ def triplet_terms(model: HDML, features: torch.Tensor, embeddings: torch.Tensor,
     synthetic = model.metric.embed_pooled(generate_for_metric(model.generator, torch.cat([anchor, positive, moved])))
     terms = {"j_m": triplet_loss(anchor, positive, negative, settings.margin),
              "j_syn": triplet_loss(*synthetic.chunk(3), settings.margin),
-             "moved": moved_fraction(anchor, positive, negative)}
+             "farther": farther_fraction(anchor, positive, negative)}
     if weights is not None:
         weights = weights.to(terms["j_m"].dtype)
         terms["j_m"], terms["j_syn"] = terms["j_m"] * weights, terms["j_syn"] * weights
@@ -356,7 +381,7 @@ def npair_terms(model: HDML, features: torch.Tensor, embeddings: torch.Tensor, s
     synthetic_negatives = synthetic[2 * n:].reshape(n, n - 1, -1)
     terms = {"j_m": npair_loss(anchor, positive, l2_reg=settings.npair_l2),
              "j_syn": npair_loss(synthetic_anchor, synthetic_positive, synthetic_negatives, settings.npair_l2),
-             "moved": moved_fraction(anchor[:, None], positive[:, None], _off_diagonal(
+             "farther": farther_fraction(anchor[:, None], positive[:, None], _off_diagonal(
                  positive[None].expand(n, n, -1))).mean(1)}
     generated = generate_for_generator(model.generator, torch.cat([embeddings, moved.reshape(-1, moved.shape[-1])]))
     negative_labels = None if labels is None else _off_diagonal(labels[n:][None].expand(n, n))
