@@ -41,7 +41,7 @@ def test_a_nearer_or_equally_near_negative_stays():
     negative = vectors([0.0, 0.5], [2.0, 1.0])  # d- = 0.5 < d+ ; d- = 1 = d+
     moved = hdml.augment_negatives(anchor, positive, negative, alpha=2.0, j_avg=0.5)
     assert torch.equal(moved, negative)
-    assert hdml.moved_fraction(anchor, positive, negative).tolist() == [0.0, 0.0]
+    assert hdml.farther_fraction(anchor, positive, negative).tolist() == [0.0, 0.0]
 
 
 def test_augmentation_limits():
@@ -135,7 +135,9 @@ def network_and_inputs():
     trainable, and 12 cached prefix outputs; rows 4 and 5 (as positives of
     anchors 0 and 1 in a triplet layout) are near copies of rows 0 and 1, so
     some negatives are farther than their positive and move."""
-    net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, 4), load_pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the random trunk draws from the global generator
+        net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, 4), load_pretrained=False)
     prefix, suffix = training.split_for_finetuning(net, trainable_blocks=1)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(12, 3, 32, 32, generator=generator) * 255
@@ -184,7 +186,7 @@ def test_gradient_routing_of_each_objective(network_and_inputs):
     model = model_of(suffix)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 1, 2, 0, 1, 2, 0])
     terms = model(inputs, "triplet", STATUS, SETTINGS, labels=labels)
-    assert terms["moved"].sum() > 0 and 0 < hdml.synthesis_weight(SETTINGS.beta, STATUS.j_gen) < 1
+    assert terms["farther"].sum() > 0 and 0 < hdml.synthesis_weight(SETTINGS.beta, STATUS.j_gen) < 1
     # J_soft: the generator only, never the softmax layer or the head
     assert reached(terms["j_soft"], model) == {"metric": False, "head": False, "generator": True, "softmax": False}
     assert reached(terms["j_recon"], model) == {"metric": False, "head": False, "generator": True, "softmax": False}
@@ -214,7 +216,7 @@ def test_triplet_terms_by_hand(network_and_inputs):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 1, 2, 0, 1, 2, 0])
     weights = torch.tensor([1.0, 0.5, 2.0, 1.5])
     terms = model(inputs, "triplet", STATUS, SETTINGS, labels=labels, weights=weights)
-    assert 0 < terms["moved"].sum() < 4  # some negatives move, some stay
+    assert 0 < terms["farther"].sum() < 4  # some negatives move, some stay
     with torch.no_grad():
         y = suffix.pooled(inputs)
         z = suffix.embed_pooled(y)
