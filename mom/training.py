@@ -642,7 +642,7 @@ def _training_plan(module, source, config: TrainingConfig, synthesis: SynthesisC
                    class_labels: np.ndarray | None):
     """``(module that trains, optimizers beside the metric's SGD, per-anchor
     objective)``; the objective is None for MoM's tuple losses."""
-    pairs = source.needs_embeddings is False
+    pairs = source.layout == "npair"
     if pairs != (config.loss == "npair"):
         raise ValueError("loss npair trains on labelled N-pair groups, and N-pair groups on loss npair only")
     if synthesis is None:

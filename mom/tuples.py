@@ -289,6 +289,9 @@ def select_labeled_pairs(labels: np.ndarray, rng: np.random.Generator, group_siz
 
 
 # ------------------------------------------------------------ where an epoch's tuples come from
+# A source has ``items()`` (the training pool), ``select(embeddings, rng)``,
+# ``needs_embeddings`` (False: ``select`` ignores them) and ``layout``
+# (``triplet``: :class:`Tuples`, ``npair``: :class:`PairGroups`).
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,7 @@ class PoolTuples:
     pools: Pools
     negatives_nearest: int = 10
     needs_embeddings = True
+    layout = "triplet"
 
     def items(self) -> np.ndarray:
         return self.pools.items()
@@ -327,6 +331,7 @@ class LabeledTriplets(_Labeled):
     labels: np.ndarray
     negatives_nearest: int = 10
     needs_embeddings = True
+    layout = "triplet"
 
     def items(self) -> np.ndarray:
         return np.arange(len(self.labels))
@@ -343,6 +348,7 @@ class LabeledPairs(_Labeled):
     labels: np.ndarray
     group_size: int
     needs_embeddings = False
+    layout = "npair"
 
     def items(self) -> np.ndarray:
         return labeled_anchors(self.labels)
