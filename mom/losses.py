@@ -1,8 +1,10 @@
-"""Tuple losses of method.md section 6 (eqs. (7)-(8)).
+"""Tuple losses of method.md section 6 (eqs. (7)-(8)) and HDML's N-pair loss
+(method.md section 10).
 
 Every function takes embeddings of anchors, positives and negatives, each
 ``(b, d)`` and l2-normalized by the network, and returns the per-tuple losses
 ``(b,)``; :func:`reduce_losses` turns them into the scalar to back-propagate.
+The N-pair loss returns one loss per anchor of its batch of pairs.
 """
 from __future__ import annotations
 
@@ -22,6 +24,29 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
     positive_distance = (anchor - positive).pow(2).sum(dim=1)
     negative_distance = (anchor - negative).pow(2).sum(dim=1)
     return torch.relu(margin + positive_distance - negative_distance)
+
+
+def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None,
+               l2_reg: float = 0.0) -> torch.Tensor:
+    """N-pair loss (Sohn 2016) per anchor (method.md section 10):
+    ``log(1 + sum_k exp(a . n_k - a . p)) + l2_reg / 4 * (||a||^2 + ||p||^2)``.
+
+    ``anchor``, ``positive``: ``(n, d)``, pair ``i`` of a batch of ``n`` pairs of
+    distinct classes. ``negatives``: ``(n, k, d)``, anchor ``i``'s own negatives;
+    by default (the plain N-pair loss) the other anchors' positives, ``k = n - 1``.
+    The l2 penalty on the embeddings is the authors' (TensorFlow's
+    ``npairs_loss``: ``0.25 * reg_lambda``); on l2-normalized embeddings it is
+    the constant ``l2_reg / 2`` and contributes no gradient.
+    """
+    positive_logit = (anchor * positive).sum(dim=1, keepdim=True)
+    if negatives is None:
+        # row i of a . p^T holds a_i . p_j; its diagonal (j = i) contributes exp(0) = the 1 of log(1 + ...)
+        logits = anchor @ positive.T - positive_logit
+    else:
+        negative_logits = torch.einsum("nd,nkd->nk", anchor, negatives) - positive_logit
+        logits = torch.cat([torch.zeros_like(positive_logit), negative_logits], dim=1)
+    penalty = 0.25 * l2_reg * (anchor.pow(2).sum(dim=1) + positive.pow(2).sum(dim=1))
+    return torch.logsumexp(logits, dim=1) + penalty
 
 
 LOSSES = {"contrastive": contrastive_loss, "triplet": triplet_loss}

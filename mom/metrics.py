@@ -1,6 +1,6 @@
 """Evaluation measures of method.md section 8.
 
-- Recall@K and NMI of k-means: the fine-grained protocol (CUB-200-2011 style).
+- Recall@K, and NMI and F1 of k-means: the fine-grained protocol (CUB-200-2011 style).
 - Average precision with junk items, mAP, mP@k and the revisited Easy / Medium /
   Hard protocols: the retrieval protocol (Oxford / Paris, revisited). AP is
   computed the way the revisited benchmark's evaluation code does it: the area
@@ -75,8 +75,47 @@ def nmi_kmeans(embeddings: np.ndarray, labels: np.ndarray, n_clusters: int, seed
     NMI normalized by the arithmetic mean of the two entropies (scikit-learn's
     default, the usual choice in the metric-learning literature).
     """
-    clusters = kmeans_clusters(embeddings, n_clusters, seed, n_init)
-    return float(normalized_mutual_info_score(np.asarray(labels), clusters, average_method="arithmetic"))
+    return clustering_nmi(labels, kmeans_clusters(embeddings, n_clusters, seed, n_init))
+
+
+def clustering_nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """NMI of a clustering against the labels, arithmetic-mean normalization."""
+    return float(normalized_mutual_info_score(np.asarray(labels), np.asarray(clusters), average_method="arithmetic"))
+
+
+def _same_group_pairs(counts: np.ndarray) -> int:
+    """Unordered pairs inside groups of the given sizes: ``sum n (n - 1) / 2``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return int(np.sum(counts * (counts - 1) // 2))
+
+
+def clustering_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Pairwise F1 of a clustering against the labels (method.md section 8).
+
+    Over unordered pairs of distinct items: precision = pairs in one cluster
+    that share a class / pairs in one cluster; recall = the same / pairs that
+    share a class; F1 = their harmonic mean = ``2 TP / (pairs in one cluster +
+    pairs of one class)``. Counted from the contingency table in
+    ``O(n + classes x clusters)``.
+    """
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    if labels.shape != clusters.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and clusters {clusters.shape} need one entry per item")
+    _, label_index = np.unique(labels, return_inverse=True)
+    _, cluster_index = np.unique(clusters, return_inverse=True)
+    joint = np.zeros((label_index.max(initial=-1) + 1, cluster_index.max(initial=-1) + 1), dtype=np.int64)
+    np.add.at(joint, (label_index, cluster_index), 1)
+    true_positives = _same_group_pairs(joint)
+    same_cluster, same_class = _same_group_pairs(joint.sum(axis=0)), _same_group_pairs(joint.sum(axis=1))
+    if same_cluster + same_class == 0:
+        raise ValueError("pairwise F1 is undefined: no two items share a class or a cluster")
+    return 2.0 * true_positives / (same_cluster + same_class)
+
+
+def f1_kmeans(embeddings: np.ndarray, labels: np.ndarray, n_clusters: int, seed: int, n_init: int) -> float:
+    """Pairwise F1 (:func:`clustering_f1`) of the k-means clustering that
+    :func:`nmi_kmeans` scores: the same :func:`kmeans_clusters` call."""
+    return clustering_f1(labels, kmeans_clusters(embeddings, n_clusters, seed, n_init))
 
 
 def kmeans_description(n_clusters: int, seed: int, n_init: int) -> dict:

@@ -39,7 +39,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -47,15 +47,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mom import artifacts, distributed
+from mom import artifacts, distributed, hdml
 from mom.errors import InputError
-from mom.losses import active_fraction, reduce_losses, tuple_losses
+from mom.losses import active_fraction, npair_loss, reduce_losses, tuple_losses
 from mom.networks import read_torch_file
-from mom.tuples import Pools, Tuples, select_tuples
+from mom.pooling import l2n
+from mom.tuples import PairGroups, Pools, PoolTuples, Tuples
 
 log = logging.getLogger("mom")
 
-LOSS_KINDS = ("contrastive", "triplet")
+LOSS_KINDS = ("contrastive", "triplet", "npair")
 
 
 class Inputs(Protocol):
@@ -68,20 +69,40 @@ class Inputs(Protocol):
 
 
 @dataclass(frozen=True)
+class SynthesisConfig:
+    """HDML's synthesis (method.md section 10): its settings and the Adam
+    learning rates of the generator and the softmax layer (the authors' optimizer)."""
+
+    settings: hdml.HDMLSettings = hdml.HDMLSettings()
+    generator_lr: float = 1e-2
+    softmax_lr: float = 1e-3
+    hidden: int = 512
+
+    def check(self) -> None:
+        self.settings.check()
+        for name in ("generator_lr", "softmax_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     epochs: int = 10
-    batch_size: int = 42           # tuples per SGD step
+    batch_size: int = 42           # tuples (N-pair: pairs, in whole groups) per SGD step
     lr: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_step: int = 10              # epochs between learning-rate decays
     lr_gamma: float = 0.1
-    loss: str = "triplet"          # contrastive | triplet
+    loss: str = "triplet"          # contrastive | triplet | npair (labelled pairs only)
     margin: float = 0.5
     weighted: bool = False         # multiply each tuple by s_m(anchor, positive)
     negatives_nearest: int = 10
     seed: int = 0
     embed_batch_size: int = 512
+    npair_l2: float = 0.0          # N-pair embedding l2 penalty
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -92,7 +113,7 @@ class TrainingConfig:
         for name in ("lr", "margin", "lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("momentum", "weight_decay"):
+        for name in ("momentum", "weight_decay", "npair_l2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.loss not in LOSS_KINDS:
@@ -142,23 +163,27 @@ def embed_pool(module: torch.nn.Module, inputs: Inputs, n_items: int, items: np.
     return out
 
 
-def tuples_digest(chosen: Tuples) -> str:
+def tuples_digest(chosen: Tuples | PairGroups) -> str:
     """sha256 of the tuples (ids and weights, in order): ranks compare it."""
     digest = hashlib.sha256()
-    for column in (chosen.anchor, chosen.positive, chosen.negative, chosen.weight):
-        digest.update(np.ascontiguousarray(column).tobytes())
+    for field in fields(chosen):
+        digest.update(np.ascontiguousarray(getattr(chosen, field.name)).tobytes())
     return digest.hexdigest()
 
 
-def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, pools: Pools,
+def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, source,
                       config: TrainingConfig, rng: np.random.Generator,
-                      ctx: distributed.Context) -> Tuples:
+                      ctx: distributed.Context) -> Tuples | PairGroups:
     """The epoch's tuples from the current embedding (method.md section 6), the
     same on every rank: each embeds its shard, rank 0 selects, then broadcasts
-    the tuples and the state of ``rng`` (which selecting advanced)."""
+    the tuples and the state of ``rng`` (which selecting advanced). ``source``:
+    a :class:`mom.tuples.PoolTuples`, ``LabeledTriplets`` or ``LabeledPairs``
+    (which needs no embedding: every rank draws the same groups from ``rng``)."""
+    if not source.needs_embeddings:
+        return source.select(None, rng)
     if not ctx.distributed:
         embeddings = embed_pool(module, inputs, n_items, items, config.embed_batch_size)
-        return select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        return source.select(embeddings, rng)
     shard = np.asarray(distributed.shard_range(len(items), ctx.rank, ctx.world_size), dtype=np.int64)
     module.eval()
     local = run_in_batches(module, inputs, shard, config.embed_batch_size).cpu().numpy()
@@ -167,7 +192,7 @@ def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, p
     embeddings = distributed.gather_rows(ctx, local.astype(np.float32, copy=False), items[shard], n_items)
     payload = None
     if ctx.is_main:
-        chosen = select_tuples(pools, embeddings, rng, config.negatives_nearest)
+        chosen = source.select(embeddings, rng)
         payload = (chosen, rng.bit_generator.state)
     chosen, state = distributed.broadcast_object(ctx, payload)
     rng.bit_generator.state = state
@@ -228,6 +253,112 @@ def train_one_epoch(
     return {"loss": total_loss / len(chosen), "active": total_active / len(chosen)}
 
 
+# ------------------------------------------------------------ objectives given as per-anchor terms (N-pair, HDML)
+
+
+def _rows_and_anchors(chosen: Tuples | PairGroups, config: TrainingConfig) -> tuple[int, int]:
+    """``(units per SGD step, anchors per unit)``: tuples, or whole N-pair groups
+    of at most ``batch_size`` pairs (at least one group)."""
+    if isinstance(chosen, PairGroups):
+        return max(1, config.batch_size // chosen.group_size), chosen.group_size
+    return config.batch_size, 1
+
+
+class NPairObjective:
+    """The N-pair loss of each group of the batch (method.md section 10.4)."""
+
+    def __init__(self, l2_reg: float):
+        self.l2_reg = l2_reg
+
+    def __call__(self, trainer, x: torch.Tensor, batch: PairGroups) -> dict[str, torch.Tensor]:
+        groups = trainer(x).reshape(len(batch), 2, batch.group_size, -1)
+        losses = torch.cat([npair_loss(group[0], group[1], l2_reg=self.l2_reg) for group in groups])
+        return {"j_m": losses, "total": losses}
+
+    def record(self, terms: dict) -> None:
+        pass
+
+    def epoch_status(self) -> dict:
+        return {}
+
+    def close_epoch(self, ctx: distributed.Context) -> None:
+        pass
+
+
+class HDMLObjective:
+    """HDML's per-anchor terms (:class:`mom.hdml.HDML`) with the training status
+    of the previous epoch (:class:`mom.hdml.StatusTracker`). ``class_labels``:
+    the class (or pseudo-label) of every item id, ``None`` without labels."""
+
+    def __init__(self, synthesis: SynthesisConfig, weighted: bool, class_labels: np.ndarray | None):
+        self.settings, self.weighted = synthesis.settings, weighted
+        self.class_labels = None if class_labels is None else torch.from_numpy(np.asarray(class_labels, dtype=np.int64))
+        self.tracker = hdml.StatusTracker()
+
+    def __call__(self, trainer, x: torch.Tensor, batch: Tuples | PairGroups) -> dict[str, torch.Tensor]:
+        labels = None
+        if self.class_labels is not None:
+            labels = self.class_labels[torch.from_numpy(batch.item_rows())].to(x.device)
+        if isinstance(batch, PairGroups):
+            return trainer(x, "npair", self.tracker.status, self.settings, labels=labels, groups=len(batch))
+        weights = torch.from_numpy(batch.weight).to(x.device) if self.weighted else None
+        return trainer(x, "triplet", self.tracker.status, self.settings, labels=labels, weights=weights)
+
+    def record(self, terms: dict) -> None:
+        self.tracker.add(terms["j_m"], terms["j_gen"])
+
+    def epoch_status(self) -> dict:
+        """The status this epoch trains with (log columns)."""
+        status = self.tracker.status
+        return {"j_avg": status.j_avg, "synthetic_weight": 1.0 - hdml.synthesis_weight(self.settings.beta, status.j_gen)}
+
+    def close_epoch(self, ctx: distributed.Context) -> None:
+        self.tracker.end_epoch(distributed.all_sum(ctx, self.tracker.totals()))
+
+
+def train_one_epoch_terms(trainer, inputs: Inputs, items: np.ndarray, chosen: Tuples | PairGroups,
+                          optimizers: list[torch.optim.Optimizer], config: TrainingConfig,
+                          rng: np.random.Generator, objective, ctx: distributed.Context | None = None) -> dict:
+    """:func:`train_one_epoch` for an ``objective(trainer, x, batch)`` that
+    returns per-anchor terms: ``total`` is back-propagated (its mean over the
+    step's anchors; every optimizer steps), ``j_m`` (the real tuples' metric
+    loss) gives the log's ``loss`` and ``active``, and the epoch means of the
+    other terms join the log row. Several ranks share each step's units
+    (tuples or whole N-pair groups) as :func:`train_one_epoch` shares tuples."""
+    ctx = ctx or distributed.Context()
+    trainer.eval()  # frozen batch-norm statistics; parameters still train
+    units, per_unit = _rows_and_anchors(chosen, config)
+    order = rng.permutation(len(chosen))
+    names, sums = None, None
+    for start in range(0, len(order), units):
+        whole = order[start:start + units]
+        mine = whole[np.asarray(distributed.shard_range(len(whole), ctx.rank, ctx.world_size), dtype=np.int64)]
+        idle = len(mine) == 0  # fewer units than ranks: still join DDP's gradient average, with zero
+        batch = chosen.subset(whole[:1] if idle else mine)
+        terms = objective(trainer, inputs[np.searchsorted(items, batch.item_rows())], batch)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if ctx.distributed:  # DDP divides the summed gradients by world_size: the step is the whole batch's mean
+            step_objective = terms["total"].sum() * (0.0 if idle else ctx.world_size / (len(whole) * per_unit))
+        else:
+            step_objective = terms["total"].mean()
+        step_objective.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        names = names or sorted(name for name in terms if name != "total")
+        sums = sums or [0.0] * (len(names) + 1)
+        if not idle:
+            objective.record(terms)
+            for index, name in enumerate(names):
+                sums[index] += float(terms[name].detach().sum())
+            sums[-1] += active_fraction(terms["j_m"].detach()) * len(terms["j_m"])
+    objective.close_epoch(ctx)
+    sums = distributed.all_sum(ctx, sums)
+    anchors = len(chosen) * per_unit
+    means = {name: total / anchors for name, total in zip(names, sums)}
+    return {"loss": means.pop("j_m"), "active": sums[-1] / anchors, **means}
+
+
 def wrap_for_ranks(module: torch.nn.Module, ctx: distributed.Context) -> torch.nn.Module:
     """``module`` itself for one process, else DDP over it (rank 0's parameters
     broadcast to every rank on construction)."""
@@ -271,7 +402,10 @@ class SquarePixels:
 
 class NetworkSuffix(torch.nn.Module):
     """The trainable part of an ``EmbeddingNet``: trunk stages ``start..``,
-    pooling, head, l2n (``net.forward_from(x, start)``)."""
+    pooling, head, l2n (``net.forward_from(x, start)``).
+
+    ``embed_pooled(pooled(x)) == forward(x)``: the two halves HDML needs (its
+    generator maps embeddings back to pooled features, which are re-embedded)."""
 
     def __init__(self, net: torch.nn.Module, start: int):
         super().__init__()
@@ -279,6 +413,20 @@ class NetworkSuffix(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_from(x, self.start)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk stages ``start..`` then pooling: the descriptor before the head ``(B, channels)``."""
+        if self.start == 0:
+            x = self.net.normalize(x)
+        for block in self.net.trunk[self.start:]:
+            x = block(x)
+        return self.net.pool(x)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Head (if any) and l2n of pooled descriptors."""
+        if self.net.head is not None:
+            pooled = self.net.head(pooled)
+        return l2n(pooled)
 
 
 def trainable_start(n_stages: int, trainable_blocks: int | None) -> int:
@@ -326,16 +474,8 @@ def init_head_with_pca(suffix: NetworkSuffix, inputs: Inputs, batch_size: int, w
     net = suffix.net
     if net.head is None:
         raise ValueError("the network has no FC head to initialize")
-
-    def pooled(x):
-        if suffix.start == 0:
-            x = net.normalize(x)
-        for block in net.trunk[suffix.start:]:
-            x = block(x)
-        return net.pool(x)
-
     # the eigendecomposition on the CPU: the same head for the same descriptors on any device
-    descriptors = run_in_batches(pooled, inputs, np.arange(len(inputs)), batch_size).cpu().double()
+    descriptors = run_in_batches(suffix.pooled, inputs, np.arange(len(inputs)), batch_size).cpu().double()
     dim = net.head.out_features
     if len(descriptors) < dim:
         raise ValueError(f"PCA head init needs at least {dim} training items, got {len(descriptors)}")
@@ -441,6 +581,8 @@ def fit(
     checkpoint_extra: dict | None = None,
     validate: Callable[[torch.nn.Module], dict] | None = None,
     ctx: distributed.Context | None = None,
+    synthesis: SynthesisConfig | None = None,
+    class_labels: np.ndarray | None = None,
 ) -> list[dict]:
     """Fine-tune ``module`` for ``config.epochs`` epochs (method.md section 6).
 
@@ -455,38 +597,56 @@ def fit(
     ``ctx`` (several ranks, see the module docstring): every rank calls ``fit``
     with the same arguments; rank 0 alone validates and writes checkpoints, and
     only its returned log holds the validation columns.
+
+    ``pools``: the mined :class:`Pools`, or any tuple source of
+    :mod:`mom.tuples` (``LabeledTriplets``, ``LabeledPairs`` for ``loss
+    npair``: the supervised reference). ``synthesis``: train with HDML
+    (method.md section 10): what trains is :class:`mom.hdml.HDML` over
+    ``module``, its generator and softmax layer with Adam, and the checkpoint
+    holds their state and the training status. ``class_labels``: the class (or
+    pseudo-label, dense ``0..C-1``) of every item id for HDML's softmax layer;
+    None switches ``J_soft`` off.
     """
     ctx = ctx or distributed.Context()
     config.check()
+    source = PoolTuples(pools, config.negatives_nearest) if isinstance(pools, Pools) else pools
     items = np.asarray(items, dtype=np.int64)
     if not np.all(np.diff(items) > 0) or len(items) != len(inputs):
         raise ValueError("items must be strictly increasing with one input per item")
-    missing = np.setdiff1d(pools.items(), items)
+    missing = np.setdiff1d(source.items(), items)
     if len(missing):
         raise ValueError(f"{len(missing)} pool members have no input (first: {missing[0]})")
+    learner, extra_optimizers, objective = _training_plan(module, source, config, synthesis, class_labels)
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
     history: list[dict] = []
     first_epoch = 0
     state = load_training_state(checkpoint_path, fingerprint) if checkpoint_path else None
     if state is not None:
-        module.load_state_dict(state["module"])
+        learner.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if synthesis is not None:
+            _load_synthesis_state(state["synthesis"], extra_optimizers, objective)
         history, first_epoch = list(state["history"]), int(state["epoch"])
         log.info("resuming after epoch %d of %d from %s", first_epoch, config.epochs, checkpoint_path)
-    trainer = wrap_for_ranks(module, ctx)
+    trainer = wrap_for_ranks(learner, ctx)
     for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
         rng = epoch_generator(config.seed, epoch)
         torch.manual_seed(int(rng.integers(2**62)))
-        chosen = mine_epoch_tuples(module, inputs, items, n_items, pools, config, rng, ctx)
+        chosen = mine_epoch_tuples(module, inputs, items, n_items, source, config, rng, ctx)
         if ctx.distributed:
             check_ranks_agree(ctx, epoch, chosen)
         mined = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(trainer, inputs, items, chosen, optimizer, config, rng, ctx))
+        if objective is None:  # MoM's tuple losses (method.md section 6)
+            row.update(train_one_epoch(trainer, inputs, items, chosen, optimizer, config, rng, ctx))
+        else:
+            row.update(objective.epoch_status())
+            row.update(train_one_epoch_terms(trainer, inputs, items, chosen, [optimizer, *extra_optimizers],
+                                             config, rng, objective, ctx))
         scheduler.step()
         trained = time.perf_counter()
         if validate is not None and ctx.is_main:
@@ -496,13 +656,47 @@ def fit(
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
                  mined - start, trained - mined, time.perf_counter() - trained)
         if checkpoint_path and ctx.is_main:
+            extra = dict(checkpoint_extra or {})
+            if synthesis is not None:
+                extra["synthesis"] = _synthesis_state(extra_optimizers, objective)
             save_training_state(checkpoint_path, _capture_state(
-                module, optimizer, scheduler, epoch + 1, history, fingerprint, checkpoint_extra or {}))
+                learner, optimizer, scheduler, epoch + 1, history, fingerprint, extra))
         distributed.barrier(ctx)  # no rank starts the next epoch (or a resume) before the checkpoint is whole
     return history
 
 
-def check_ranks_agree(ctx: distributed.Context, epoch: int, chosen: Tuples) -> None:
+def _training_plan(module, source, config: TrainingConfig, synthesis: SynthesisConfig | None,
+                   class_labels: np.ndarray | None):
+    """``(module that trains, optimizers beside the metric's SGD, per-anchor
+    objective)``; the objective is None for MoM's tuple losses."""
+    pairs = source.layout == "npair"
+    if pairs != (config.loss == "npair"):
+        raise ValueError("loss npair trains on labelled N-pair groups, and N-pair groups on loss npair only")
+    if synthesis is None:
+        return module, [], (NPairObjective(config.npair_l2) if pairs else None)
+    synthesis.check()
+    if config.loss == "contrastive":
+        raise ValueError("HDML synthesis is defined for the triplet and N-pair losses, not contrastive")
+    n_classes = None if class_labels is None else int(np.max(class_labels)) + 1
+    model = hdml.HDML(module, n_classes, synthesis.hidden, seed=config.seed)
+    model.to(next(p for p in module.parameters() if p.requires_grad).device)
+    optimizers = [torch.optim.Adam(model.generator_parameters(), lr=synthesis.generator_lr)]
+    if model.softmax is not None:
+        optimizers.append(torch.optim.Adam(model.softmax_parameters(), lr=synthesis.softmax_lr))
+    return model, optimizers, HDMLObjective(synthesis, config.weighted, class_labels)
+
+
+def _synthesis_state(optimizers: list, objective: HDMLObjective) -> dict:
+    return {"optimizers": [optimizer.state_dict() for optimizer in optimizers], "status": objective.tracker.state_dict()}
+
+
+def _load_synthesis_state(state: dict, optimizers: list, objective: HDMLObjective) -> None:
+    for optimizer, optimizer_state in zip(optimizers, state["optimizers"], strict=True):
+        optimizer.load_state_dict(optimizer_state)
+    objective.tracker.load_state_dict(state["status"])
+
+
+def check_ranks_agree(ctx: distributed.Context, epoch: int, chosen: Tuples | PairGroups) -> None:
     """Raise unless every rank holds the same tuples; log their digest."""
     digests = distributed.all_gather_object(ctx, tuples_digest(chosen))
     if len(set(digests)) != 1:

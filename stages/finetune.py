@@ -27,12 +27,24 @@ alone writes the checkpoint and the outputs.
 ``--device cuda[:N]`` trains on a GPU: the network and the cached inputs live
 there, ``model.pt`` holds CPU tensors (it loads on a CPU-only machine). That
 path was never run in this project (no GPU in its CI); ``cpu`` is the tested one.
+
+HDML (method.md section 10): ``--synthesis hdml`` adds hardness-aware synthetic
+negatives to the training (generator and softmax state in the checkpoint).
+``--supervision`` says where the tuples' classes come from: ``none`` (MoM's
+mined pools, no labels; HDML's ``J_soft`` off), ``kmeans`` (mined pools; HDML's
+softmax learns ``--pseudo_labels`` k-means clusters of the untrained start's
+embeddings of the training pool) or ``labels`` (the supervised reference:
+triplets or, with ``--loss npair``, N-pair groups from the training labels;
+``--pools`` and ``--anchors`` are not read). The training labels are read only
+with ``labels``; ``summary.json`` records the supervision, and ``model.pt``'s
+``extra`` does whenever it is not the default (``none`` without synthesis).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -40,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mom import artifacts, distributed, extraction, metrics, networks, training
+from mom import artifacts, distributed, extraction, hdml, metrics, networks, training, tuples
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools, unit_mean_weights
@@ -49,7 +61,10 @@ from stages._cli import StageCommand, require, stage_command, timed
 log = logging.getLogger("mom")
 
 POOL_COLUMNS = ("anchor", "member", "kind", "rank", "manifold_similarity")
-LOG_COLUMNS = ("epoch", "lr", "loss", "active", "val_recall_at_1")
+LOG_COLUMNS = ("epoch", "lr", "loss", "active", "val_recall_at_1",
+               "j_avg", "synthetic_weight", "farther", "j_syn", "j_metric", "j_recon", "j_soft", "j_gen", "j_ce")
+SYNTHESES = ("none", "hdml")
+SUPERVISIONS = ("none", "labels", "kmeans")
 
 
 class TrainableBlocks(click.ParamType):
@@ -168,20 +183,39 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda[:N] (under torchrun with cuda: each process its LOCAL_RANK's GPU).")
+@click.option("--synthesis", default="none", show_default=True,
+              help="none | hdml (hardness-aware synthetic negatives, method.md section 10)")
+@click.option("--hdml_alpha", type=float, default=7.0, show_default=True, help="HDML pulling factor alpha.")
+@click.option("--hdml_beta", type=float, default=5e3, show_default=True, help="HDML synthetic weight scale beta.")
+@click.option("--hdml_lambda", type=float, default=0.5, show_default=True, help="Weight of J_soft in J_gen.")
+@click.option("--generator_lr", type=float, default=0.01, show_default=True, help="HDML generator Adam lr.")
+@click.option("--softmax_lr", type=float, default=0.001, show_default=True, help="HDML softmax layer Adam lr.")
+@click.option("--generator_hidden", type=int, default=512, show_default=True, help="HDML generator hidden units.")
+@click.option("--npair_l2", type=float, default=0.0, show_default=True, help="N-pair embedding l2 penalty.")
+@click.option("--supervision", default="none", show_default=True,
+              help="none (mined pools) | kmeans (mined pools, k-means pseudo-labels for HDML's softmax) | "
+                   "labels (tuples from the training labels: the supervised reference)")
+@click.option("--pseudo_labels", type=int, default=10, show_default=True,
+              help="supervision kmeans: k-means clusters of the start network's training embeddings.")
 @stage_command("finetune")
 def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, backbone, pooling, gem_p, weights,
          head_dim, head_init, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
-         loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads, device):
+         loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads, device,
+         synthesis, hdml_alpha, hdml_beta, hdml_lambda, generator_lr, softmax_lr, generator_hidden, npair_l2,
+         supervision, pseudo_labels):
     require(batch_size_embed >= 1, f"batch_size_embed: must be at least 1, got {batch_size_embed}")
     distributed.check_device(device)
     config = training.TrainingConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
         lr_gamma=lr_gamma, loss=loss, margin=margin, weighted=weighted, negatives_nearest=negatives_nearest,
-        seed=seed, embed_batch_size=batch_size_embed)
+        seed=seed, embed_batch_size=batch_size_embed, npair_l2=npair_l2)
     try:
         config.check()
     except ValueError as error:
         raise InputError(str(error)) from None
+    synthesis_config = check_hdml_options(synthesis, supervision, loss, weighted, head_dim, pseudo_labels, training.SynthesisConfig(
+        hdml.HDMLSettings(alpha=hdml_alpha, beta=hdml_beta, lam=hdml_lambda, margin=margin, npair_l2=npair_l2),
+        generator_lr=generator_lr, softmax_lr=softmax_lr, hidden=generator_hidden))
     require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
     require(head_init in training.HEAD_INITS,
             f"head_init: must be one of {', '.join(training.HEAD_INITS)}, got {head_init!r}")
@@ -200,7 +234,96 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         raise InputError(f"backbone/pooling: {error}") from None
 
     train_store = ImageStore.open(train_dir)
-    pools = read_pools(pools_path, len(train_store))
+    weight_scale = None
+    if supervision == "labels":
+        pools, class_labels = labeled_source(train_store, train_dir, loss, batch_size, negatives_nearest)
+    else:
+        pools, weight_scale = read_mined_pools(pools_path, anchors_path, len(train_store), weighted)
+        class_labels = None
+    use_val = validate and str(val_dir) not in ("", ".")
+    val_store = ImageStore.open(val_dir) if use_val else None
+    if val_store is not None and len(np.unique(val_store.labels)) < 2:
+        log.info("%s has fewer than two labeled classes: no validation Recall@1", val_dir)
+        val_store = None
+    if val_store is not None:
+        require((val_store.labels >= 0).all(), f"{val_dir}: validation needs labels on every item (or --no-validate)")
+    if supervision != "labels":
+        log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",
+                 len(pools.anchors), len(pools.dropped_anchors), len(pools.items()))
+
+    # No device here: a checkpoint is read onto the CPU and resumes on any device
+    # (a run moved between CPU and GPU differs from either only in rounding).
+    options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks, head_init=head_init,
+                   image_size=image_size, validate=bool(use_val), weights=weights, supervision=supervision,
+                   synthesis=None if synthesis_config is None else asdict(synthesis_config),
+                   pseudo_labels=pseudo_labels if supervision == "kmeans" else None)
+    inputs_to_hash = [train_dir / "manifest.parquet", train_dir / "pixels.npy"]
+    if supervision != "labels":
+        inputs_to_hash += [pools_path, anchors_path]
+    if val_store is not None:
+        inputs_to_hash += [val_dir / "manifest.parquet", val_dir / "pixels.npy"]
+    fingerprint = run_fingerprint(options, inputs_to_hash)
+    checkpoint_path = checkpoint_dir / f"{fingerprint[:20]}.pt"
+
+    with distributed.session(device) as ctx:
+        if not ctx.is_main:
+            log.setLevel(logging.WARNING)
+        hdml_run = HDMLRun(synthesis_config, supervision, class_labels, pseudo_labels)
+        train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
+              batch_size_embed, head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation,
+              out_dir, weight_scale, hdml_run)
+
+
+@dataclass(frozen=True)
+class HDMLRun:
+    """What the run does beyond MoM: HDML synthesis (None: none), where classes
+    come from, the training labels (supervision labels) and the k-means count."""
+
+    synthesis: training.SynthesisConfig | None
+    supervision: str = "none"
+    class_labels: np.ndarray | None = None
+    pseudo_labels: int = 10
+
+    def record(self) -> dict:
+        """What ``summary.json`` says about supervision and synthesis."""
+        return {"supervision": self.supervision, "labels_used": self.supervision == "labels",
+                "synthesis": "none" if self.synthesis is None else "hdml",
+                **({"pseudo_labels": self.pseudo_labels} if self.supervision == "kmeans" else {})}
+
+    def model_extra(self) -> dict:
+        """Keys added to ``model.pt``'s extra: none for the default (its bytes stay those of plain MoM)."""
+        if self.synthesis is None and self.supervision == "none":
+            return {}
+        return {"supervision": self.supervision, "synthesis": "none" if self.synthesis is None else "hdml"}
+
+
+def check_hdml_options(synthesis, supervision, loss, weighted, head_dim, pseudo_labels, synthesis_config):
+    """The synthesis config to train with (None: none), or an InputError naming the option."""
+    require(synthesis in SYNTHESES, f"synthesis: must be one of {', '.join(SYNTHESES)}, got {synthesis!r}")
+    require(supervision in SUPERVISIONS, f"supervision: must be one of {', '.join(SUPERVISIONS)}, got {supervision!r}")
+    require(pseudo_labels >= 2, f"pseudo_labels: must be >= 2 k-means clusters, got {pseudo_labels}")
+    require(loss != "npair" or supervision == "labels",
+            f"loss: npair needs N-pair groups of distinct classes, i.e. supervision labels (got {supervision})")
+    require(not (supervision == "labels" and weighted),
+            "weighted: needs mined pools (manifold similarities); use --no-weighted with supervision labels")
+    require(supervision != "kmeans" or synthesis == "hdml",
+            "supervision: kmeans pseudo-labels only feed HDML's softmax; needs synthesis hdml (or supervision none)")
+    if synthesis == "none":
+        return None
+    require(head_dim > 0, "synthesis: hdml needs an FC head (head_dim > 0): synthetic features are re-embedded through it")
+    require(loss != "contrastive", "synthesis: hdml is defined for loss triplet or npair, not contrastive")
+    try:
+        synthesis_config.check()
+    except ValueError as error:
+        name, _, rest = str(error).partition(" ")
+        option = {"alpha": "hdml_alpha", "beta": "hdml_beta", "lam": "hdml_lambda", "hidden": "generator_hidden"}
+        raise InputError(f"{option.get(name, name)} {rest}") from None
+    return synthesis_config
+
+
+def read_mined_pools(pools_path: Path, anchors_path: Path, n_train: int, weighted: bool):
+    """MoM's pools (weights rescaled to mean 1 when ``weighted``) and that scale."""
+    pools = read_pools(pools_path, n_train)
     weight_scale = None
     if weighted:
         try:
@@ -211,36 +334,31 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     unknown = np.setdiff1d(pools.anchors, anchor_ids)
     require(len(unknown) == 0, f"{pools_path}: {len(unknown)} pool anchors are not in {anchors_path} (first: "
             f"{unknown[0] if len(unknown) else ''}); rerun mine after anchors")
-    use_val = validate and str(val_dir) not in ("", ".")
-    val_store = ImageStore.open(val_dir) if use_val else None
-    if val_store is not None and len(np.unique(val_store.labels)) < 2:
-        log.info("%s has fewer than two labeled classes: no validation Recall@1", val_dir)
-        val_store = None
-    if val_store is not None:
-        require((val_store.labels >= 0).all(), f"{val_dir}: validation needs labels on every item (or --no-validate)")
-    log.info("%d anchors with a tuple (%d dropped: empty P+ or P-), training pool of %d items",
-             len(pools.anchors), len(pools.dropped_anchors), len(pools.items()))
+    return pools, weight_scale
 
-    # No device here: a checkpoint is read onto the CPU and resumes on any device
-    # (a run moved between CPU and GPU differs from either only in rounding).
-    options = dict(meta=meta, config=training.config_dict(config), trainable_blocks=trainable_blocks, head_init=head_init,
-                   image_size=image_size, validate=bool(use_val), weights=weights)
-    inputs_to_hash = [train_dir / "manifest.parquet", train_dir / "pixels.npy", pools_path, anchors_path]
-    if val_store is not None:
-        inputs_to_hash += [val_dir / "manifest.parquet", val_dir / "pixels.npy"]
-    fingerprint = run_fingerprint(options, inputs_to_hash)
-    checkpoint_path = checkpoint_dir / f"{fingerprint[:20]}.pt"
 
-    with distributed.session(device) as ctx:
-        if not ctx.is_main:
-            log.setLevel(logging.WARNING)
-        train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
-              batch_size_embed, head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation,
-              out_dir, weight_scale)
+def labeled_source(train_store, train_dir: Path, loss: str, batch_size: int, negatives_nearest: int):
+    """Supervision labels: the tuple source from the training labels and the
+    labels as dense class indices (for HDML's softmax)."""
+    labels = train_store.labels
+    require((labels >= 0).all(), f"supervision: labels needs a label on every training item; {train_dir} has "
+            f"{int((labels < 0).sum())} unlabelled (use supervision none or kmeans)")
+    _, class_labels = np.unique(labels, return_inverse=True)
+    require(len(tuples.labeled_anchors(class_labels)) and len(np.unique(class_labels)) >= 2,
+            f"supervision: labels needs at least two classes with two or more images each in {train_dir}")
+    if loss == "npair":
+        source = tuples.LabeledPairs(class_labels, tuples.npair_group_size(class_labels, batch_size))
+        require(source.group_size >= 2, f"supervision: N-pair groups need two classes with two or more images in {train_dir}")
+        log.info("supervision labels: N-pair groups of %d classes from the training labels", source.group_size)
+    else:
+        source = tuples.LabeledTriplets(class_labels, negatives_nearest)
+        log.info("supervision labels: one triplet per labelled image from the training labels")
+    return source, class_labels
 
 
 def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size, batch_size_embed,
-          head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation, out_dir, weight_scale):
+          head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation, out_dir, weight_scale,
+          hdml_run: HDMLRun):
     """Build, fine-tune and (rank 0) write the network; every rank runs it."""
     if ctx.distributed:
         log.info("%d processes (%s)", ctx.world_size, ctx.backend)
@@ -268,6 +386,10 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
     embedding = {"scales": [int(scale) for scale in scales], "aggregation": aggregation}
     if ctx.is_main:  # the untrained start, which evaluate reports beside the fine-tuned network
         networks.save_checkpoint(out_dir / "start.pt", net, extra={"epochs": 0, "embedding": embedding})
+    class_labels = hdml_run.class_labels
+    if hdml_run.supervision == "kmeans":
+        class_labels = kmeans_pseudo_labels(ctx, suffix, train_inputs, items, len(train_store), batch_size_embed,
+                                            hdml_run.pseudo_labels, seed)
     validation = None
     initial_val = None
     if val_store is not None and ctx.is_main:  # only rank 0 validates
@@ -277,14 +399,17 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
     with timed(f"{config.epochs} epochs"):
         history = training.fit(suffix, train_inputs, items, len(train_store), pools, config,
                                checkpoint_path=checkpoint_path, fingerprint=fingerprint,
-                               checkpoint_extra={"meta": meta}, validate=validation, ctx=ctx)
+                               checkpoint_extra={"meta": meta}, validate=validation, ctx=ctx,
+                               synthesis=hdml_run.synthesis, class_labels=class_labels)
     if not ctx.is_main:
         distributed.barrier(ctx)  # rank 0 writes the outputs
         return
 
-    networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding})
+    networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding,
+                                                               **hdml_run.model_extra()})
     write_log(out_dir / "log.tsv", history)
     artifacts.save_json(out_dir / "summary.json", {
+        **hdml_run.record(),
         "anchors_with_tuples": len(pools.anchors),
         "anchors_dropped": len(pools.dropped_anchors),
         "training_pool": len(items),
@@ -301,6 +426,23 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
     })
     checkpoint_path.unlink(missing_ok=True)
     distributed.barrier(ctx)
+
+
+def kmeans_pseudo_labels(ctx, suffix, train_inputs, items, n_items, batch_size, n_clusters, seed) -> np.ndarray:
+    """Supervision kmeans: pseudo-labels (one per item id, -1 outside the
+    training pool) from k-means of the untrained start's embeddings of the
+    training pool; rank 0 clusters, every rank gets the same labels."""
+    labels = None
+    if ctx.is_main:
+        with timed(f"k-means pseudo-labels ({n_clusters} clusters) of {len(items)} training embeddings"):
+            embeddings = training.embed_pool(suffix, train_inputs, n_items, items, batch_size)[items]
+            try:
+                clusters = hdml.pseudo_labels(embeddings, n_clusters, seed)
+            except ValueError as error:
+                raise InputError(f"pseudo_labels: {error}") from None
+        labels = np.full(n_items, -1, dtype=np.int64)
+        labels[items] = clusters
+    return distributed.broadcast_object(ctx, labels)
 
 
 def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size, device):

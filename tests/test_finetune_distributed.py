@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mom import artifacts, networks
-from test_finetune_stage import ROOT, stage_args, workspace  # noqa: F401  (workspace: the fixture)
+from test_finetune_stage import HDML_OPTIONS, ROOT, stage_args, workspace  # noqa: F401  (workspace: the fixture)
 
 # 36 tuples in batches of 7: the last batch holds one tuple, so rank 1 sits it out with a zero loss
 ARGS = dict(epochs=2, batch_size=7, loss="contrastive")  # the triplet loss is already 0 on this easy data
@@ -41,7 +41,7 @@ def test_torchrun_finetune_trains_like_one_process(workspace, tmp_path):  # noqa
     run_finetune([sys.executable], stage_args(workspace, one, **ARGS))
     output = run_finetune(TORCHRUN, stage_args(workspace, two, **ARGS))
 
-    assert sorted(path.name for path in two.iterdir()) == ["log.tsv", "model.pt", "summary.json"]
+    assert sorted(path.name for path in two.iterdir()) == ["log.tsv", "model.pt", "start.pt", "summary.json"]
     assert not list((tmp_path / "two-ckpt").glob("*.pt")), "rank 0 removes the checkpoint once model.pt is written"
     assert artifacts.load_json(two / "summary.json")["processes"] == 2
     assert "processes" not in artifacts.load_json(one / "summary.json")
@@ -82,12 +82,29 @@ def kill_with_workers(launcher):
 
 
 @pytest.mark.slow
-def test_torchrun_finetune_killed_then_resumed_gives_the_uninterrupted_result(workspace, tmp_path):  # noqa: F811
+def test_torchrun_supervised_hdml_npair_trains_like_one_process(workspace, tmp_path):  # noqa: F811
+    # 36 labelled images of 3 classes: 12 N-pair groups of 3, two per step (batch_size 7): one per rank
+    args = dict(epochs=2, batch_size=7, loss="npair", synthesis="hdml", supervision="labels", hdml_alpha=1.0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_finetune([sys.executable], stage_args(workspace, one, **args) + ["--no-weighted"])
+    output = run_finetune(TORCHRUN, stage_args(workspace, two, **args) + ["--no-weighted"])
+    agreed = re.findall(r"epoch (\d+): 12 tuples, sha256 ([0-9a-f]{64}) on all 2 ranks", output)
+    assert [epoch for epoch, _ in agreed] == ["1", "2"], output[-3000:]
+    for a, b in zip(read_log(one / "log.tsv"), read_log(two / "log.tsv"), strict=True):
+        for column in ("loss", "j_syn", "j_recon", "j_soft", "j_ce", "j_avg", "synthetic_weight"):
+            assert b[column] == pytest.approx(a[column], rel=1e-3), column
+    assert artifacts.load_json(two / "summary.json")["labels_used"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, HDML_OPTIONS], ids=["mom", "hdml"])
+def test_torchrun_finetune_killed_then_resumed_gives_the_uninterrupted_result(workspace, tmp_path, options):  # noqa: F811
     epochs, env = 12, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run_finetune(TORCHRUN, stage_args(workspace, tmp_path / "ref", epochs=epochs, batch_size=7))
+    run_finetune(TORCHRUN, stage_args(workspace, tmp_path / "ref", epochs=epochs, batch_size=7, **options))
 
     out, checkpoints = tmp_path / "run", tmp_path / "run-ckpt"
-    victim = subprocess.Popen([*TORCHRUN, "-m", "stages.finetune", *stage_args(workspace, out, epochs=epochs, batch_size=7)],
+    victim = subprocess.Popen([*TORCHRUN, "-m", "stages.finetune",
+                               *stage_args(workspace, out, epochs=epochs, batch_size=7, **options)],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               )
     deadline = time.monotonic() + 300
@@ -99,7 +116,7 @@ def test_torchrun_finetune_killed_then_resumed_gives_the_uninterrupted_result(wo
     assert 1 <= finished < epochs, "the run finished before it could be killed"
     assert not (out / "model.pt").exists()
 
-    output = run_finetune(TORCHRUN, stage_args(workspace, out, epochs=epochs, batch_size=7))
+    output = run_finetune(TORCHRUN, stage_args(workspace, out, epochs=epochs, batch_size=7, **options))
     assert f"resuming after epoch {finished} of {epochs}" in output
     assert (out / "model.pt").read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
     assert (out / "log.tsv").read_text() == (tmp_path / "ref" / "log.tsv").read_text()

@@ -185,15 +185,20 @@ def run_stage(args, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+# HDML on the mined pools with k-means pseudo-labels: generator, softmax layer and status in the checkpoint
+HDML_OPTIONS = dict(synthesis="hdml", supervision="kmeans", pseudo_labels=3, hdml_alpha=0.2, hdml_beta=50)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspace, tmp_path):
+@pytest.mark.parametrize("options", [{}, HDML_OPTIONS], ids=["mom", "hdml"])
+def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspace, tmp_path, options):
     epochs = 12
-    reference = run_stage(stage_args(workspace, tmp_path / "ref", epochs=epochs))
+    reference = run_stage(stage_args(workspace, tmp_path / "ref", epochs=epochs, **options))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
     out = tmp_path / "run"
     checkpoints = tmp_path / "run-ckpt"
-    victim = run_stage(stage_args(workspace, out, epochs=epochs))
+    victim = run_stage(stage_args(workspace, out, epochs=epochs, **options))
     deadline = time.monotonic() + 300
     while not list(checkpoints.glob("*.pt")) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -204,7 +209,7 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspa
     assert 1 <= finished < epochs
     assert not (out / "model.pt").exists()
 
-    resumed = run_stage(stage_args(workspace, out, epochs=epochs))
+    resumed = run_stage(stage_args(workspace, out, epochs=epochs, **options))
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     assert f"resuming after epoch {finished} of {epochs}" in output
@@ -382,3 +387,85 @@ def test_weighted_training_needs_manifold_weights(workspace, tmp_path):
     assert result.exit_code == 2 and "--no-weighted" in result.output
     result = CliRunner().invoke(finetune.main, args + ["--no-weighted"])
     assert result.exit_code == 0, result.output
+
+
+# ------------------------------------------------------------ HDML and supervision (method.md section 10)
+
+
+def test_hdml_runs_record_their_supervision_and_are_deterministic(workspace, tmp_path):
+    runner = CliRunner()
+    for name in ("a", "b"):
+        result = runner.invoke(finetune.main, stage_args(workspace, tmp_path / name, epochs=3, **HDML_OPTIONS))
+        assert result.exit_code == 0, result.output
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
+    assert (a / "log.tsv").read_text() == (b / "log.tsv").read_text()
+    header = (a / "log.tsv").read_text().splitlines()[0].split("\t")
+    assert {"j_avg", "synthetic_weight", "j_syn", "j_recon", "j_soft", "j_gen", "j_ce"} <= set(header)
+    summary = artifacts.load_json(a / "summary.json")
+    assert (summary["supervision"], summary["labels_used"], summary["synthesis"], summary["pseudo_labels"]) == (
+        "kmeans", False, "hdml", 3)
+    _, extra = networks.load_checkpoint(a / "model.pt")
+    assert (extra["supervision"], extra["synthesis"]) == ("kmeans", "hdml")
+
+
+@pytest.mark.parametrize("loss,synthesis", [("triplet", "none"), ("npair", "hdml")])
+def test_supervised_reference_trains_from_the_labels_without_pools(workspace, tmp_path, loss, synthesis):
+    args = stage_args(workspace, tmp_path / "out", epochs=2, loss=loss, synthesis=synthesis, supervision="labels")
+    for option in ("--pools", "--anchors"):  # not read
+        args[args.index(option) + 1] = str(tmp_path / "absent.parquet")
+    result = CliRunner().invoke(finetune.main, args + ["--no-weighted"])
+    assert result.exit_code == 0, result.output
+    summary = artifacts.load_json(tmp_path / "out" / "summary.json")
+    assert (summary["supervision"], summary["labels_used"], summary["synthesis"]) == ("labels", True, synthesis)
+    assert summary["anchors_with_tuples"] == 36 and summary["positive_weight_mean"] is None
+
+
+def test_labels_are_read_only_under_supervision_labels(workspace, tmp_path, monkeypatch):
+    from mom.imagestore import ImageStore
+
+    def no_labels(store):
+        raise AssertionError("the training labels were read")
+
+    monkeypatch.setattr(ImageStore, "labels", property(no_labels))
+    for name, options in (("mom", {}), ("hdml", HDML_OPTIONS)):
+        result = CliRunner().invoke(finetune.main, stage_args(workspace, tmp_path / name, epochs=1, **options)
+                                    + ["--no-validate"])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(finetune.main, stage_args(workspace, tmp_path / "labels", epochs=1, supervision="labels")
+                                + ["--no-validate", "--no-weighted"])
+    assert result.exit_code != 0
+
+
+def test_supervision_labels_is_refused_for_a_collection_without_labels(workspace, tmp_path):
+    images, _ = synthetic_images(12, seed=4)
+    write_image_store(tmp_path / "unlabelled", images, {
+        "source": ["synthetic"] * 12, "split": ["train"] * 12, "origin": [f"u#{i}" for i in range(12)]})
+    args = stage_args(workspace, tmp_path / "out", supervision="labels")
+    args[args.index("--train") + 1] = str(tmp_path / "unlabelled")
+    result = CliRunner().invoke(finetune.main, args + ["--no-weighted"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"finetune: error: supervision: labels needs a label on every training item; {tmp_path / 'unlabelled'} has "
+        "12 unlabelled (use supervision none or kmeans)"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(synthesis="gan"), "synthesis: must be one of none, hdml"),
+    (dict(supervision="oracle"), "supervision: must be one of none, labels, kmeans"),
+    (dict(loss="npair"), "loss: npair needs N-pair groups of distinct classes, i.e. supervision labels"),
+    (dict(supervision="kmeans"), "supervision: kmeans pseudo-labels only feed HDML's softmax"),
+    (dict(supervision="labels"), "weighted: needs mined pools"),
+    (dict(synthesis="hdml", head_dim=0), "synthesis: hdml needs an FC head"),
+    (dict(synthesis="hdml", loss="contrastive"), "synthesis: hdml is defined for loss triplet or npair"),
+    (dict(synthesis="hdml", hdml_alpha=-1), "hdml_alpha must be >= 0"),
+    (dict(synthesis="hdml", generator_lr=0), "generator_lr must be > 0"),
+    (dict(synthesis="hdml", supervision="kmeans", pseudo_labels=1), "pseudo_labels: must be >= 2"),
+])
+def test_bad_hdml_options_fail_in_one_line(workspace, tmp_path, options, message):
+    result = CliRunner().invoke(finetune.main, stage_args(workspace, tmp_path / "x", **options))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"finetune: error: {message}"), lines
+    assert not (tmp_path / "x").exists()

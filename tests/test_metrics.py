@@ -77,6 +77,60 @@ def test_nmi_is_one_for_separated_clusters_and_low_for_noise():
     assert metrics.nmi_kmeans(noise, labels, 3, seed=0, n_init=3) < 0.2
 
 
+def brute_force_f1(labels, clusters):
+    """Pairwise precision / recall by visiting every unordered pair (O(n^2))."""
+    same_both = same_cluster = same_class = 0
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            in_cluster, in_class = clusters[i] == clusters[j], labels[i] == labels[j]
+            same_cluster += in_cluster
+            same_class += in_class
+            same_both += in_cluster and in_class
+    precision, recall = same_both / same_cluster, same_both / same_class
+    return 0.0 if same_both == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_f1_hand_computed():
+    # classes {0,1,2} {3,4}; clusters {0,1} {2,3,4}: pairs in one cluster 1 + 3 = 4,
+    # of one class 3 + 1 = 4, in both: (0,1) and (3,4) = 2 -> P = R = F1 = 1/2
+    labels = np.array([7, 7, 7, 9, 9])
+    clusters = np.array([1, 1, 0, 0, 0])
+    assert metrics.clustering_f1(labels, clusters) == pytest.approx(0.5)
+    assert metrics.clustering_f1(labels, np.array([5, 5, 5, 2, 2])) == 1.0  # cluster ids are names only
+    assert metrics.clustering_f1(labels, np.arange(5)) == 0.0  # singletons: no pair in a cluster
+
+
+def test_f1_matches_brute_force_pair_count():
+    rng = np.random.default_rng(4)
+    for n, n_labels, n_clusters in [(60, 4, 5), (37, 7, 3), (25, 2, 9)]:
+        labels = rng.integers(0, n_labels, size=n)
+        clusters = rng.integers(0, n_clusters, size=n) * 10 - 3  # arbitrary cluster names
+        assert metrics.clustering_f1(labels, clusters) == pytest.approx(brute_force_f1(labels, clusters), rel=1e-12)
+
+
+def test_f1_is_symmetric_and_refuses_undefined_input():
+    rng = np.random.default_rng(5)
+    labels, clusters = rng.integers(0, 3, 40), rng.integers(0, 4, 40)
+    assert metrics.clustering_f1(labels, clusters) == pytest.approx(metrics.clustering_f1(clusters, labels))
+    with pytest.raises(ValueError, match="undefined"):
+        metrics.clustering_f1(np.arange(4), np.arange(4))
+    with pytest.raises(ValueError, match="one entry per item"):
+        metrics.clustering_f1(np.zeros(3), np.zeros(4))
+
+
+def test_f1_kmeans_scores_the_clustering_nmi_kmeans_scores():
+    rng = np.random.default_rng(6)
+    centres = rng.normal(scale=2, size=(4, 5))
+    labels = rng.integers(0, 4, size=120)
+    embeddings = centres[labels] + rng.normal(size=(120, 5))
+    clusters = KMeans(n_clusters=4, random_state=1, n_init=3).fit_predict(embeddings)
+    assert metrics.f1_kmeans(embeddings, labels, 4, seed=1, n_init=3) == pytest.approx(brute_force_f1(labels, clusters))
+    assert metrics.nmi_kmeans(embeddings, labels, 4, seed=1, n_init=3) == pytest.approx(
+        metrics.clustering_nmi(labels, clusters))
+    separated = np.eye(4)[labels] * 100 + rng.normal(size=(120, 4))
+    assert metrics.f1_kmeans(separated, labels, 4, seed=0, n_init=3) == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------- retrieval
 
 

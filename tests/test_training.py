@@ -1,3 +1,4 @@
+import math
 import os
 import re
 
@@ -5,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mom import training
+from mom import hdml, training, tuples
 from mom.tuples import build_pools
 
 
@@ -51,12 +52,12 @@ def small_config(**changes):
     return training.TrainingConfig(**values)
 
 
-def run(config, checkpoint=None, validate=None, seed=0):
+def run(config, checkpoint=None, validate=None, seed=0, source=None):
     torch.manual_seed(0)
     inputs, labels, pools = synthetic_problem()
     module = StandIn(seed=seed)
     items = np.arange(len(inputs))
-    history = training.fit(module, inputs, items, len(items), pools, config,
+    history = training.fit(module, inputs, items, len(items), pools if source is None else source, config,
                            checkpoint_path=checkpoint, fingerprint="f", validate=validate)
     return module, history
 
@@ -260,3 +261,121 @@ def test_pca_whitening_head_init_gives_unit_variance_components():
     expected = centred @ vh[:4].T / (singular[:4] / len(pooled) ** 0.5)  # PCA-whitened by definition
     assert torch.allclose(projected.abs(), expected.abs(), atol=1e-3)
     assert torch.allclose(projected.T @ projected / len(pooled), torch.eye(4, dtype=torch.float64), atol=1e-3)
+
+
+# ------------------------------------------------------------ HDML and the supervised reference (method.md section 10)
+
+
+class TinyNet(torch.nn.Module):
+    """What HDML needs of an EmbeddingNet: a feature layer and an FC ``head``."""
+
+    def __init__(self, d_in=8, channels=16, d_out=4, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.features = torch.nn.Linear(d_in, channels)
+        self.head = torch.nn.Linear(channels, d_out)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+class TinyMetric(torch.nn.Module):
+    """A suffix with ``pooled`` and ``embed_pooled`` (as NetworkSuffix)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.net = TinyNet(seed=seed)
+
+    def pooled(self, x):
+        return torch.relu(self.net.features(x))
+
+    def embed_pooled(self, pooled):
+        return torch.nn.functional.normalize(self.net.head(pooled), dim=-1)
+
+    def forward(self, x):
+        return self.embed_pooled(self.pooled(x))
+
+
+SYNTHESIS = training.SynthesisConfig(hdml.HDMLSettings(alpha=0.2, beta=20.0, lam=0.5, margin=0.5), hidden=8)
+
+
+def run_hdml(config, source=None, synthesis=SYNTHESIS, class_labels=None, checkpoint=None, validate=None, seed=0):
+    torch.manual_seed(0)
+    inputs, labels, pools = synthetic_problem()
+    module = TinyMetric(seed=seed)
+    items = np.arange(len(inputs))
+    history = training.fit(module, inputs, items, len(items), pools if source is None else source, config,
+                           checkpoint_path=checkpoint, fingerprint="f", validate=validate,
+                           synthesis=synthesis, class_labels=class_labels)
+    return module, history
+
+
+def test_hdml_fit_tracks_the_previous_epochs_status():
+    _, labels, _ = synthetic_problem()
+    _, history = run_hdml(small_config(), class_labels=labels)
+    assert history[0]["j_avg"] == math.inf and history[0]["synthetic_weight"] == 0.0
+    for previous, row in zip(history, history[1:]):
+        assert row["j_avg"] == pytest.approx(previous["loss"])  # J_avg: last epoch's mean real-tuple loss
+        assert row["synthetic_weight"] == pytest.approx(1 - math.exp(-SYNTHESIS.settings.beta / previous["j_gen"]))
+        assert row["j_gen"] == pytest.approx(row["j_recon"] + 0.5 * row["j_soft"])
+    assert history[-1]["j_recon"] < history[0]["j_recon"]  # the generator learns
+    assert all(row["j_ce"] > 0 and 0 <= row["farther"] <= 1 for row in history)
+
+
+def test_hdml_fit_is_deterministic_and_resumes_with_generator_and_softmax_state(tmp_path):
+    _, labels, _ = synthetic_problem()
+    uninterrupted, history_full = run_hdml(small_config(), class_labels=labels)
+    again, history_again = run_hdml(small_config(), class_labels=labels)
+    assert history_again == history_full
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def crash_in_epoch_3(module):
+        if len(calls) == 2:
+            raise Interrupt
+        calls.append(1)
+        return {}
+
+    checkpoint = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        run_hdml(small_config(), class_labels=labels, checkpoint=checkpoint, validate=crash_in_epoch_3)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert any(name.startswith("generator.") for name in saved["module"])
+    assert any(name.startswith("softmax.") for name in saved["module"])
+    assert len(saved["synthesis"]["optimizers"]) == 2 and math.isfinite(saved["synthesis"]["status"]["j_avg"])
+    resumed, history = run_hdml(small_config(), class_labels=labels, checkpoint=checkpoint, seed=99)
+    assert history == history_full
+    for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_hdml_without_labels_trains_no_softmax():
+    _, history = run_hdml(small_config(epochs=2))
+    assert all(row["j_soft"] == 0 and row["j_ce"] == 0 for row in history)
+
+
+def test_supervised_triplets_and_npair_from_labels():
+    inputs, labels, _ = synthetic_problem()
+    triplets = tuples.LabeledTriplets(labels, negatives_nearest=5)
+    _, history = run(small_config(epochs=5), source=triplets)
+    assert history[-1]["loss"] < history[0]["loss"]
+    pairs = tuples.LabeledPairs(labels, tuples.npair_group_size(labels, 8))
+    _, history = run(small_config(epochs=5, loss="npair"), source=pairs)
+    assert history[-1]["loss"] < history[0]["loss"] and all(row["active"] == 1 for row in history)
+    _, history = run_hdml(small_config(epochs=3, loss="npair"), source=pairs, class_labels=labels)
+    assert history[1]["j_avg"] == pytest.approx(history[0]["loss"]) and history[-1]["j_ce"] > 0
+
+
+def test_incompatible_losses_and_sources_are_refused():
+    _, labels, pools = synthetic_problem()
+    with pytest.raises(ValueError, match="npair"):
+        run(small_config(loss="npair"))
+    with pytest.raises(ValueError, match="npair"):
+        run(small_config(), source=tuples.LabeledPairs(labels, 4))
+    with pytest.raises(ValueError, match="contrastive"):
+        run_hdml(small_config(loss="contrastive", margin=0.7))
+    with pytest.raises(ValueError, match="FC head"):
+        training.fit(StandIn(), *synthetic_problem()[:1], np.arange(80), 80, pools, small_config(), synthesis=SYNTHESIS)

@@ -105,3 +105,74 @@ def test_unit_mean_weights_keep_relative_weights():
     assert mean == pytest.approx((0.9 + 0.4 + 0.5) / 3)
     assert np.allclose(scaled.positive_weights, [[0.9 / mean, 0.4 / mean], [0.5 / mean, 0.0]])
     assert np.array_equal(scaled.positives, pools.positives)
+
+
+# ------------------------------------------------------------ from class labels (HDML's supervised reference)
+
+LABELS = np.array([2, 0, 2, 1, 0, 2, 1, 7, 0, 2])  # class 7 has one image: no anchor, still a negative
+
+
+def test_labeled_anchors_skip_single_image_classes():
+    assert tuples.labeled_anchors(LABELS).tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    source = tuples.LabeledTriplets(LABELS)
+    assert source.anchors.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9] and source.dropped_anchors.tolist() == [7]
+    assert source.items().tolist() == list(range(10))
+
+
+def test_nearest_other_class_matches_brute_force():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(10, 3)).astype(np.float32)
+    anchors = np.array([0, 3, 7, 9])
+    nearest = tuples.nearest_other_class(LABELS, embeddings, anchors, k=4)
+    for row, anchor in enumerate(anchors):
+        others = [j for j in range(10) if LABELS[j] != LABELS[anchor]]
+        by_distance = sorted(others, key=lambda j: (float(((embeddings[j] - embeddings[anchor]) ** 2).sum()), j))
+        assert nearest[row].tolist() == by_distance[:4]
+
+
+def test_labeled_triplets_draw_positives_of_the_class_and_nearest_negatives_of_others():
+    rng = np.random.default_rng(1)
+    embeddings = rng.normal(size=(10, 3)).astype(np.float32)
+    drawn_positives = {anchor: set() for anchor in tuples.labeled_anchors(LABELS)}
+    for seed in range(60):
+        chosen = tuples.select_labeled_triplets(LABELS, embeddings, np.random.default_rng(seed), negatives_nearest=2)
+        assert chosen.anchor.tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+        assert (LABELS[chosen.positive] == LABELS[chosen.anchor]).all() and (chosen.positive != chosen.anchor).all()
+        nearest = tuples.nearest_other_class(LABELS, embeddings, chosen.anchor, 2)
+        assert all(n in row for n, row in zip(chosen.negative, nearest.tolist()))
+        assert (chosen.weight == 1).all()
+        for anchor, positive in zip(chosen.anchor, chosen.positive):
+            drawn_positives[anchor].add(int(positive))
+    # every other member of the class is drawn at some point (uniform draw)
+    for anchor, drawn in drawn_positives.items():
+        assert drawn == {j for j in range(10) if LABELS[j] == LABELS[anchor] and j != anchor}
+    first = tuples.select_labeled_triplets(LABELS, embeddings, np.random.default_rng(5))
+    second = tuples.select_labeled_triplets(LABELS, embeddings, np.random.default_rng(5))
+    assert all(np.array_equal(getattr(first, f), getattr(second, f)) for f in ("anchor", "positive", "negative"))
+
+
+def test_labeled_pairs_form_groups_of_distinct_classes():
+    labels = np.repeat([0, 1, 2], 4)  # balanced: every anchor is used once
+    groups = tuples.select_labeled_pairs(labels, np.random.default_rng(0), group_size=3)
+    assert groups.anchor.shape == (4, 3) and groups.group_size == 3
+    assert sorted(groups.anchor.ravel().tolist()) == list(range(12))
+    for anchors, positives in zip(groups.anchor, groups.positive):
+        assert sorted(labels[anchors].tolist()) == [0, 1, 2]
+        assert (labels[positives] == labels[anchors]).all() and (positives != anchors).all()
+    assert groups.item_rows().tolist()[:6] == [*groups.anchor[0], *groups.positive[0]]
+    assert groups.subset([1]).anchor.tolist() == [groups.anchor[1].tolist()]
+
+
+def test_labeled_pairs_leave_out_incomplete_groups():
+    # class sizes 3, 2, 4, 1 (class 7: no pair): rounds hold classes {0,1,2}, {0,1,2}, {0,2}, {2};
+    # groups of 2 keep 2 + 2 + 2 + 0 pairs
+    groups = tuples.select_labeled_pairs(LABELS, np.random.default_rng(3), group_size=2)
+    assert groups.anchor.shape == (3, 2)
+    for anchors in groups.anchor:
+        assert len(set(LABELS[anchors].tolist())) == 2
+    assert len(set(groups.anchor.ravel().tolist())) == 6
+    assert tuples.npair_group_size(LABELS, batch_size=42) == 3 and tuples.npair_group_size(LABELS, 2) == 2
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        tuples.select_labeled_pairs(LABELS, np.random.default_rng(0), group_size=1)
+    source = tuples.LabeledPairs(LABELS, 3)
+    assert not source.needs_embeddings and source.items().tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
