@@ -155,7 +155,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--pooling", default="gem", show_default=True)
 @click.option("--gem_p", type=float, default=3.0, show_default=True)
 @click.option("--weights", default="", help="Local backbone weights file (default source when empty).")
-@click.option("--head_dim", type=int, default=64, show_default=True, help="FC output dim; 0: no head (retrieval).")
+@click.option("--head_dim", type=int, default=0, show_default=True, help="FC output dim; 0: no head (the default).")
 @click.option("--trainable_blocks", type=TrainableBlocks(), default="2", show_default=True,
               help="Last trunk stages that train (the rest is frozen and cached), or 'all'.")
 @click.option("--head_init", default="pca", show_default=True,

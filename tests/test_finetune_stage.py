@@ -78,7 +78,7 @@ def workspace(tmp_path_factory):
 def stage_args(root, out, epochs=2, **extra):
     args = ["--train", root / "train", "--val", root / "val", "--pools", root / "pools.parquet",
             "--anchors", root / "anchors.parquet", "--out-dir", out, "--checkpoint-dir", out.parent / f"{out.name}-ckpt",
-            "--image_size", "32", "--scales", "32", "--trainable_blocks", "1", "--head_init", "random", "--epochs", str(epochs), "--batch_size", "8",
+            "--image_size", "32", "--scales", "32", "--trainable_blocks", "1", "--head_dim", "64", "--head_init", "random", "--epochs", str(epochs), "--batch_size", "8",
             "--lr", "0.05", "--lr_step", "5", "--threads", "1"]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]

@@ -22,7 +22,7 @@ SMALL = {
     "diffuse": {"k": 40, "block_size": 32},
     "mine": {"k_pos": 15, "k_neg": 40, "positive_cap": 15, "negative_cap": 15},
     "finetune": {"epochs": 1, "batch_size_embed": 128, "threads": 1},
-    "whiten": {"method": "pca"},
+    "whiten": {"method": "pca", "dim": 64},  # 200 training items: keep the leading components
     "evaluate": {"kmeans_n_init": 2},
     "proxy_retrieval": {"objects": 50, "views_in_database": 2},
 }
@@ -73,7 +73,7 @@ def test_dvc_repro_runs_every_stage_end_to_end(project):
             assert 0.2 <= report[split][version]["recall_at_1"] <= 1.0
     assert report["whitening"]["method"] == "pca"
     net, extra = networks.load_checkpoint(project / "data" / "finetune" / "model.pt")
-    assert net.dim == 64 and extra["embedding"]["scales"] == [64]
+    assert net.dim == 1280 and net.head is None and extra["embedding"]["scales"] == [64]  # no head: the default
     log = (project / "data" / "finetune" / "log.tsv").read_text().splitlines()
     assert len(log) == 2 and log[0].startswith("epoch\t")
     for figure in ("recall_at_k.png", "training.png"):

@@ -25,7 +25,7 @@ TINY = {
     "diffuse": {"k": 20, "block_size": 16, "threads": 1},
     "mine": {"k_pos": 8, "k_neg": 20, "positive_cap": 8, "negative_cap": 8},
     "finetune": {"epochs": 1, "batch_size_embed": 64, "threads": 1},
-    "whiten": {"method": "pca"},
+    "whiten": {"method": "pca", "dim": 32},
     "evaluate": {"kmeans_n_init": 1},
     "proxy_retrieval": {"objects": 20, "views_in_database": 1, "threads": 1},
 }
