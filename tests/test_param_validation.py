@@ -198,7 +198,6 @@ CASES = [
 ]
 # params.yaml entries that are no stage's option, with the reason.
 NOT_OPTIONS = {
-    "base.seed": "read by no stage (each stage has its own seed)",
     "grid.seeds": "DVC matrix of the Table 1 grid stages in ablations/dvc.yaml (checked by stages/report.py)",
     "grid.rows": "DVC matrix of the Table 1 grid stages in ablations/dvc.yaml (checked by stages/report.py)",
     "grid.anchor_sets": "DVC foreach of grid_anchors/grid_diffuse in ablations/dvc.yaml (options checked by stages/anchors.py)",
