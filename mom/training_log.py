@@ -1,0 +1,80 @@
+"""The fine-tuning log, written with DVCLive: its one writer and one reader.
+
+Layout (DVCLive's, so ``dvc exp show``, ``dvc metrics diff`` and ``dvc plots``
+read it as they read any DVCLive run):
+
+- ``<folder>/plots/metrics/<name>.tsv``: columns ``step`` (the epoch) and
+  ``<name>``, one row per epoch, for ``loss`` (mean loss of the epoch),
+  ``active`` (fraction of tuples with a non-zero loss) and ``val_recall_at_1``
+  (validation Recall@1 after the epoch; step 0 = before the first step);
+- ``<folder>/metrics.json``: the summary, the last value of each and ``step``.
+
+The history is written once, after training, from the rows that
+:func:`mom.training.fit` returns (a resumed run returns the epochs before the
+interruption too): each file is published by an atomic rename, so a killed
+stage leaves no half-written log, and the bytes depend on the history only
+(no timestamps).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+from mom import artifacts
+from mom.errors import InputError
+
+STEP_METRICS = ("loss", "active", "val_recall_at_1")
+SUMMARY = "metrics.json"
+METRICS_DIR = Path("plots") / "metrics"
+
+
+def write_training_log(folder: str | os.PathLike, history: list[dict], initial_val_recall: float | None = None) -> None:
+    """Log ``history`` (one dict per epoch: ``epoch`` and any of STEP_METRICS)
+    with DVCLive into ``folder``; ``initial_val_recall`` is logged at step 0."""
+    from dvclive import Live
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="mom-dvclive-") as scratch:  # outside every DVC output
+        with Live(dir=scratch, save_dvc_exp=False, dvcyaml=False, report=None) as live:
+            if initial_val_recall is not None:
+                live.step = 0
+                live.log_metric("val_recall_at_1", float(initial_val_recall))
+            for row in history:
+                live.step = int(row["epoch"])
+                for name in STEP_METRICS:
+                    if row.get(name) is not None:
+                        live.log_metric(name, float(row[name]))
+        for path in sorted(Path(scratch).rglob("*")):
+            if path.is_file():
+                with artifacts.atomic_path(folder / path.relative_to(scratch)) as tmp:
+                    tmp.write_bytes(path.read_bytes())
+
+
+def read_training_log(folder: str | os.PathLike) -> list[dict]:
+    """One dict per step (``epoch`` = the step, and each logged metric), in
+    step order; ``[]`` when ``folder`` holds no log."""
+    folder = Path(folder)
+    rows: dict[int, dict] = {}
+    for name in STEP_METRICS:
+        path = folder / METRICS_DIR / f"{name}.tsv"
+        if path.is_file():
+            for step, value in _read_series(path, name):
+                rows.setdefault(step, {"epoch": step})[name] = value
+    return [rows[step] for step in sorted(rows)]
+
+
+def _read_series(path: Path, name: str) -> list[tuple[int, float]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if reader.fieldnames is None or not {"step", name} <= set(reader.fieldnames):
+            raise InputError(f"{path}: not a DVCLive metric file (expected columns step, {name})")
+        series = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                step, value = int(row["step"]), float(row[name])
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: line {line}: step and {name} must be numbers") from None
+            series.append((step, value))
+    return series
