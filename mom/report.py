@@ -11,6 +11,8 @@ second when given) and renders it as Markdown and as a PNG. Every metric is
 reported for both evaluations: ``new_images`` (new images of the collection's
 classes) and ``new_classes`` (unseen classes).
 Which cells exist is the caller's decision (the params), never a folder scan.
+:func:`headline` picks, from one evaluation, the few numbers a user compares
+between runs (the main pipeline's DVC metrics).
 """
 from __future__ import annotations
 

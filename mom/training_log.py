@@ -1,4 +1,4 @@
-"""The fine-tuning log, written with DVCLive: its one writer and one reader.
+"""The fine-tuning log in DVCLive's format: its one writer and one reader.
 
 Layout (DVCLive's, so ``dvc exp show``, ``dvc metrics diff`` and ``dvc plots``
 read it as they read any DVCLive run):
@@ -32,20 +32,29 @@ METRICS_DIR = Path("plots") / "metrics"
 
 def write_training_log(folder: str | os.PathLike, history: list[dict], initial_val_recall: float | None = None) -> None:
     """Log ``history`` (one dict per epoch: ``epoch`` and any of STEP_METRICS)
-    with DVCLive into ``folder``; ``initial_val_recall`` is logged at step 0."""
-    from dvclive import Live
+    into ``folder`` with DVCLive's writers; ``initial_val_recall`` is logged at
+    step 0. (Not through ``dvclive.Live``: it opens the repository around the
+    working directory, initializes DVC in a git checkout without it and fails in
+    one without commits; a stage needs none of that.)"""
+    from dvclive.plots import Metric
+    from dvclive.serialize import dump_json
 
     folder = Path(folder)
+    steps = [(0, {"val_recall_at_1": initial_val_recall})] if initial_val_recall is not None else []
+    steps += [(int(row["epoch"]), row) for row in history]
     with tempfile.TemporaryDirectory(prefix="mom-dvclive-") as scratch:  # outside every DVC output
-        with Live(dir=scratch, save_dvc_exp=False, dvcyaml=False, report=None) as live:
-            if initial_val_recall is not None:
-                live.step = 0
-                live.log_metric("val_recall_at_1", float(initial_val_recall))
-            for row in history:
-                live.step = int(row["epoch"])
-                for name in STEP_METRICS:
-                    if row.get(name) is not None:
-                        live.log_metric(name, float(row[name]))
+        writers, summary = {}, {}
+        for step, row in steps:
+            for name in STEP_METRICS:
+                if row.get(name) is not None:
+                    writer = writers.setdefault(name, Metric(name, str(Path(scratch) / "plots")))
+                    writer.step = step
+                    writer.dump(float(row[name]))
+                    summary[name] = float(row[name])
+        summary = {name: summary[name] for name in STEP_METRICS if name in summary}  # last values, fixed order
+        if steps:
+            summary["step"] = steps[-1][0]
+        dump_json(summary, str(Path(scratch) / SUMMARY))
         for path in sorted(Path(scratch).rglob("*")):
             if path.is_file():
                 with artifacts.atomic_path(folder / path.relative_to(scratch)) as tmp:
