@@ -228,7 +228,7 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     assert "failed" not in shown.stderr.lower(), shown.stderr
 
     # a key every row overrides (and the seeds the grid sets) is in no cell's command: the grid stays up to date
-    set_params(project, mine={"positives": "euclidean", "negatives": "random", "seed": 5}, finetune={"seed": 5},
+    set_params(project, mine={"positives": "euclidean", "negatives": "random", "seed": 5},
                anchors={"strategy": "random", "count": 7})
     assert "up to date" in dvc_grid(project, "status", GRID_FILE)
 
