@@ -59,6 +59,10 @@ def test_the_readme_commit_leaves_nothing_behind_and_its_lock_is_current(project
         "DVC-cached outputs belong in the DVC cache, not in git"
     assert not [path for path in tracked if path.startswith("data/") and (project / path).stat().st_size > 200_000]
     assert lock_mismatches(project) == []
+    for command in (("metrics", "show"), ("plots", "show")):  # nothing about the grid's unbuilt files
+        result = dvc_run(project, *command)
+        assert "ERROR" not in result.stderr and "WARNING" not in result.stderr, (command, result.stderr)
+    assert git(project, "status", "--porcelain") == "", "dvc plots show wrote outside dvc_plots/ (git-ignored)"
 
 
 def test_a_fresh_clone_pulls_up_to_the_graph_and_reruns_only_what_follows(project, tmp_path):

@@ -228,9 +228,11 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     assert "failed" not in shown.stderr.lower(), shown.stderr
 
     # a key every row overrides (and the seeds the grid sets) is in no cell's command: the grid stays up to date
+    before = (project / "params.yaml").read_text()
     set_params(project, mine={"positives": "euclidean", "negatives": "random", "seed": 5},
                anchors={"strategy": "random", "count": 7})
     assert "up to date" in dvc_grid(project, "status", GRID_FILE)
+    (project / "params.yaml").write_text(before)
 
     set_params(project, grid={"seeds": [0, 7]})
     ran = ran_stages(dvc_grid(project, "repro", GRID_FILE))
