@@ -41,7 +41,8 @@ def project(tmp_path_factory):
     folder = tiny_pipeline.make_project(tmp_path_factory.mktemp("reference") / "project")
     git(folder, "add", "-A")
     git(folder, "commit", "-q", "-m", "the project")
-    dvc(folder, "repro")
+    result = dvc_run(folder, "repro")
+    assert "grid" not in result.stdout + result.stderr, "the main job talks about the Table 1 grid"
     commit_run(folder, "reference run")
     return folder
 
