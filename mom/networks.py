@@ -16,6 +16,7 @@ frozen prefix's output can be computed once and cached.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -28,6 +29,8 @@ from mom.pooling import POOLINGS, l2n, make_pooling
 
 CHECKPOINT_FORMAT = 1
 META_KEYS = ("backbone", "pooling", "gem_p", "head_dim", "normalization", "channels", "dim")
+MAX_HEAD_DIM = 65536
+MAX_GEM_P = 1000.0
 
 
 def make_meta(backbone: str, pooling: str = "gem", gem_p: float = 3.0, head_dim: int | None = None) -> dict:
@@ -47,20 +50,50 @@ def make_meta(backbone: str, pooling: str = "gem", gem_p: float = 3.0, head_dim:
 
 
 def check_meta(meta: dict) -> None:
-    """Raise :class:`InputError` unless ``meta`` describes a network this code can build."""
+    """Raise :class:`InputError` unless ``meta`` describes a network this code can
+    build, within sane bounds (checked before anything is allocated)."""
+    if not isinstance(meta, dict):
+        raise InputError(f"network meta: expected a dict, got {type(meta).__name__}")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
-        raise InputError(f"network meta: missing keys {missing}")
-    if meta["backbone"] not in backbones.BACKBONES:
-        raise InputError(f"network meta: backbone must be one of {list(backbones.BACKBONES)}, got {meta['backbone']!r}")
-    if meta["pooling"] not in POOLINGS:
-        raise InputError(f"network meta: pooling must be one of {list(POOLINGS)}, got {meta['pooling']!r}")
-    if not float(meta["gem_p"]) > 0:
-        raise InputError(f"network meta: gem_p must be positive, got {meta['gem_p']}")
-    if meta["head_dim"] is not None and int(meta["head_dim"]) < 1:
-        raise InputError(f"network meta: head_dim must be a positive integer or None, got {meta['head_dim']}")
-    if meta["channels"] != backbones.channels_of(meta["backbone"]):
-        raise InputError(f"network meta: backbone {meta['backbone']} has {backbones.channels_of(meta['backbone'])} channels, meta says {meta['channels']}")
+        raise InputError(f"network meta: missing keys {missing} (not a network of this project?)")
+    if not isinstance(meta["backbone"], str) or meta["backbone"] not in backbones.BACKBONES:
+        raise InputError(f"network meta: backbone must be one of {list(backbones.BACKBONES)}, got {_shown(meta['backbone'])}")
+    if not isinstance(meta["pooling"], str) or meta["pooling"] not in POOLINGS:
+        raise InputError(f"network meta: pooling must be one of {list(POOLINGS)}, got {_shown(meta['pooling'])}")
+    if not _is_number(meta["gem_p"]) or not 0 < meta["gem_p"] <= MAX_GEM_P:
+        raise InputError(f"network meta: gem_p must be a number in (0, {MAX_GEM_P}], got {_shown(meta['gem_p'])}")
+    head_dim = meta["head_dim"]
+    if head_dim is not None and not (_is_integer(head_dim) and 1 <= head_dim <= MAX_HEAD_DIM):
+        raise InputError(f"network meta: head_dim must be None or an integer in 1..{MAX_HEAD_DIM:,}, got {_shown(head_dim)}")
+    channels = backbones.channels_of(meta["backbone"])
+    if meta["channels"] != channels:
+        raise InputError(f"network meta: backbone {meta['backbone']} has {channels} channels, meta says {_shown(meta['channels'])}")
+    if meta["dim"] != (channels if head_dim is None else head_dim):
+        raise InputError(f"network meta: dim {_shown(meta['dim'])} is neither head_dim nor the backbone's channels")
+    _check_normalization(meta["normalization"])
+
+
+def _check_normalization(normalization) -> None:
+    ok = isinstance(normalization, dict) and all(
+        isinstance(normalization.get(key), (list, tuple)) and len(normalization[key]) == 3
+        and all(_is_number(value) and math.isfinite(value) for value in normalization[key])
+        for key in ("mean", "std"))
+    if not ok or min(normalization["std"]) <= 0:
+        raise InputError("network meta: normalization must be {'mean': 3 numbers, 'std': 3 positive numbers}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 class EmbeddingNet(nn.Module):
@@ -148,21 +181,89 @@ def save_checkpoint(path: str | os.PathLike, net: EmbeddingNet, extra: dict | No
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EmbeddingNet, dict]:
     """Rebuild the network of a checkpoint from its ``meta`` and load its weights:
-    ``(net in eval mode, extra)``."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: checkpoint not found (run the stage that writes it first)")
+    ``(net in eval mode, extra)``. A file that is not such a checkpoint, whose
+    meta is out of bounds or whose weights belong to another architecture than
+    its meta describes is one :class:`InputError` line saying what differs."""
+    payload = read_torch_file(path, map_location, "checkpoint", "run the stage that writes it first")
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: holds a {type(payload).__name__}, not a checkpoint of this project "
+                         "(a dict with meta and state_dict)")
+    missing = [key for key in ("meta", "state_dict") if key not in payload]
+    if missing:
+        raise InputError(f"{path}: not a checkpoint of this project: missing keys {missing} "
+                         f"(it has {_key_sample(payload)})")
+    if payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: checkpoint format {_shown(payload['format'])}; this code reads format {CHECKPOINT_FORMAT}")
+    if not isinstance(payload.get("extra", {}), dict):
+        raise InputError(f"{path}: 'extra' must be a dict, got {type(payload['extra']).__name__}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(payload, dict) or not {"meta", "state_dict"} <= set(payload):
-        raise InputError(f"{path}: not a checkpoint of this project (expected keys meta and state_dict)")
+        check_meta(payload["meta"])
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
     net = build_network(payload["meta"], load_pretrained=False)
+    check_weights_fit(path, net, payload["state_dict"])
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise InputError(f"{path}: weights do not fit the network its meta describes ({error})") from None
+        raise InputError(f"{path}: weights do not fit the network its meta describes ({_first_line(error)})") from None
     return net.to(map_location).eval(), payload.get("extra", {})
+
+
+def read_torch_file(path: str | os.PathLike, map_location, what: str, hint: str):
+    """``torch.load(path, weights_only=True)``; a missing, empty, corrupt or
+    unsafe file is one :class:`InputError` line (torch's refusal condensed)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} not found ({hint})")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: {what} is an empty file")
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise InputError(f"{path}: not a torch {what} (neither a zip archive nor a pickle)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure on a foreign file is one line
+        raise InputError(f"{path}: not a readable {what} ({torch_load_refusal(error)})") from None
+
+
+def torch_load_refusal(error: Exception) -> str:
+    """One line for what ``torch.load`` raised: for an unsafe file, the reason
+    of its weights-only unpickler without the surrounding advice."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        paragraphs = [p for p in text.split("\n\n")[1:] if p.strip() and not p.strip().startswith("Check the documentation")]
+        return "refused by torch's weights-only loader: " + (" ".join(" ".join(paragraphs).split()) or "unsupported content")
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def check_weights_fit(path, net: nn.Module, state_dict) -> None:
+    """Refuse weights whose names or shapes differ from those of ``net``, naming what differs."""
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state_dict.items()):
+        raise InputError(f"{path}: state_dict is not a dict of named tensors")
+    expected = {key: tuple(value.shape) for key, value in net.state_dict().items()}
+    given = {key: tuple(value.shape) for key, value in state_dict.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    reshaped = [f"{key} {given[key]} (expected {expected[key]})" for key in sorted(set(expected) & set(given))
+                if given[key] != expected[key]]
+    if missing or unexpected or reshaped:
+        meta = net.meta
+        differences = [f"{label} {len(keys)} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                       for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes for", reshaped))
+                       if keys]
+        raise InputError(f"{path}: weights of another architecture than its meta describes (backbone "
+                         f"{meta['backbone']}, head {meta['head_dim'] or 'none'}): {'; '.join(differences)}")
+
+
+def _key_sample(mapping: dict) -> str:
+    keys = [_shown(key) for key in list(mapping)[:4]]
+    return ", ".join(keys) + (", ..." if len(mapping) > 4 else "") if keys else "no keys"
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def embedding_settings(extra: dict, scales, aggregation) -> tuple[list[int], str]:

@@ -48,7 +48,9 @@ import torch
 from tqdm import tqdm
 
 from mom import artifacts, distributed
+from mom.errors import InputError
 from mom.losses import active_fraction, reduce_losses, tuple_losses
+from mom.networks import read_torch_file
 from mom.tuples import Pools, Tuples, select_tuples
 
 log = logging.getLogger("mom")
@@ -371,6 +373,10 @@ def load_training_state(path: str | Path, fingerprint: str) -> dict | None:
     """The checkpoint at ``path`` if it exists and belongs to the same run
     (same ``fingerprint`` of inputs and options); otherwise None.
 
+    A file that is not a training checkpoint of this code (unreadable, refused
+    by torch's weights-only loader, a bare tensor, missing or mistyped keys) is
+    ignored with a one-line warning: it only costs the head start.
+
     Read onto the CPU whatever device wrote it: a GPU run's checkpoint then
     resumes on a CPU-only machine and back, the module's and optimizer's
     ``load_state_dict`` copy the tensors to the parameters' device, and
@@ -379,14 +385,35 @@ def load_training_state(path: str | Path, fingerprint: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt checkpoint is only a lost head start
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, error)
+        state = read_torch_file(path, "cpu", "training checkpoint", "")
+    except InputError as error:
+        log.warning("ignoring %s; starting afresh", error)
         return None
-    if state.get("fingerprint") != fingerprint:
+    problem = training_state_problem(state)
+    if problem is not None:
+        log.warning("ignoring %s: %s; starting afresh", path, problem)
+        return None
+    if state["fingerprint"] != fingerprint:
         log.info("checkpoint %s belongs to other inputs or options: starting afresh", path)
         return None
     return state
+
+
+TRAINING_STATE_TYPES = {"fingerprint": str, "epoch": int, "module": dict, "optimizer": dict, "scheduler": dict,
+                        "torch_rng": torch.Tensor, "history": list}
+
+
+def training_state_problem(state) -> str | None:
+    """Why ``state`` is not a training checkpoint written by :func:`fit`, or None."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a training checkpoint"
+    missing = [key for key in TRAINING_STATE_TYPES if key not in state]
+    if missing:
+        return f"not a training checkpoint of this code (missing keys {missing})"
+    wrong = [key for key, kind in TRAINING_STATE_TYPES.items() if not isinstance(state[key], kind)]
+    if wrong or state["epoch"] < 0 or state["torch_rng"].dtype != torch.uint8:
+        return f"keys of the wrong type or value: {wrong or ['epoch' if state['epoch'] < 0 else 'torch_rng']}"
+    return None
 
 
 def _capture_state(module, optimizer, scheduler, epoch, history, fingerprint, extra) -> dict:

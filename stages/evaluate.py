@@ -91,7 +91,7 @@ def recall_series(ks, section: dict) -> list[dict]:
 
 def recall_figure(ks, sections: dict[str, dict]):
     """One panel per evaluation: Recall@K of every embedding it reports."""
-    figure, axes = plt.subplots(1, len(sections), figsize=(4.5 * len(sections), 3.4), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(sections), figsize=(4.5 * len(sections), 3.4), squeeze=False)
     for axis, (split, section) in zip(axes[0], sections.items()):
         for name, (label, marker) in EMBEDDINGS.items():
             if name in section:
@@ -100,8 +100,8 @@ def recall_figure(ks, sections: dict[str, dict]):
         axis.set_xticks(ks, [str(k) for k in ks])
         axis.set_xlabel("K")
         axis.set_title(f"{EVALUATIONS[split]}\n({split}, {section['items']} images)", fontsize=10)
+        axis.set_ylabel("Recall@K (%)")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Recall@K (%)")
     axes[0][-1].legend()
     figure.tight_layout()
     return figure

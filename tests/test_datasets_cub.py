@@ -98,5 +98,9 @@ def test_layout_errors(tmp_path):
 
 def test_download_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cub, "URL", "http://127.0.0.1:9/CUB_200_2011.tgz")
+    with pytest.raises(InputError, match="download: no published SHA-256 for http://127.0.0.1:9/CUB_200_2011.tgz"):
+        prepare_cub(tmp_path / "cub", download=True)  # an address without a pinned hash is not even tried
+    (tmp_path / "cub").mkdir()
+    (tmp_path / "cub" / "SHA256SUMS").write_text(f"{'0' * 64}  CUB_200_2011.tgz\n")
     with pytest.raises(InputError, match="download: cannot fetch .*offline"):
         prepare_cub(tmp_path / "cub", download=True)

@@ -163,5 +163,6 @@ def test_instre_errors(tmp_path):
 def test_classic_download_offline_is_one_clear_error(tmp_path, monkeypatch):
     from mom.datasets import oxford_classic
     monkeypatch.setattr(oxford_classic, "ARCHIVES", {"oxford5k": {"gt": ["http://127.0.0.1:9/gt_files_170407.tgz"]}})
+    (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  gt_files_170407.tgz\n")
     with pytest.raises(InputError, match="download: cannot fetch http://127.0.0.1:9/gt_files_170407.tgz"):
         prepare_classic(tmp_path, "oxford5k", download=True)

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from banana import banana_features
 from mom import artifacts
 from mom.imagestore import write_image_store
-from stages import (anchors, diffuse, evaluate, extract, finetune, graph, mine, pool_figure, prepare,
+from stages import (anchors, diffuse, evaluate, extract, finetune, graph, index, mine, pool_figure, prepare,
                     proxy_retrieval, whiten)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"prepare": prepare, "extract": extract, "graph": graph, "anchors": anchors, "diffuse": diffuse,
             "mine": mine, "finetune": finetune, "whiten": whiten, "evaluate": evaluate,
-            "proxy_retrieval": proxy_retrieval, "pool_figure": pool_figure}
+            "proxy_retrieval": proxy_retrieval, "pool_figure": pool_figure, "index": index}
 # Words that say what is allowed (a range, a set, a type).
 ALLOWED_HINT = re.compile(r"must|one of|allowed|not a valid|is not an|between|at least|>=|<=|>|in \(|\.\.|"
                           r"cpu or|true/false|need|expected|positive|not found|not a directory|or more|"
@@ -195,6 +195,10 @@ CASES = [
     case("pool_figure.anchors", "--anchors", 0),
     case("pool_figure.members", "--members", 21),
     case("pool_figure.seed", "--seed", -1),
+
+    case("index.splits", "--splits", "train", "--splits", "train"),
+    case("index.batch_size", "--batch_size", 0),
+    case("index.threads", "--threads", -1),
 ]
 # params.yaml entries that are no stage's option, with the reason.
 NOT_OPTIONS = {
@@ -280,6 +284,8 @@ def inputs_args(stage: str, root: Path, out: Path) -> list:
         "proxy_retrieval": ["--prepared", root / "prepared", "--model", model, "--whitening", whitening_file,
                             "--report", out / "reports/proxy.json", "--plots-dir", out / "plots"],
         "pool_figure": ["--grid-dir", out / "grid", "--train", root / "prepared/train", "--out", out / "pools.png"],
+        "index": ["--prepared", root / "prepared", "--features", out / "no-features", "--model", model,
+                  "--whitening", whitening_file, "--out-dir", out / "index"],
     }[stage]
 
 
@@ -322,7 +328,7 @@ NO_CLICK_DEFAULT = {("prepare", "train_classes"): "an empty list must be an erro
                     ("prepare", "test_classes"): "an empty list must be an error, not the default"}
 
 STAGE_SECTIONS = ["prepare", "extract", "graph", "anchors", "diffuse", "mine", "finetune", "whiten", "evaluate",
-                  "proxy_retrieval", "pool_figure"]
+                  "proxy_retrieval", "pool_figure", "index"]
 
 
 @pytest.mark.parametrize("section", STAGE_SECTIONS)

@@ -63,6 +63,10 @@ def test_read_idx_layout_and_errors(tmp_path):
         read_idx(tmp_path / "notgz.gz")
     with pytest.raises(InputError, match="not found"):
         read_idx(tmp_path / "missing.gz")
+    # a header whose sizes multiply to 2**65: 0 in int64, which must not pass for an empty file
+    (tmp_path / "wrap.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 4]) + struct.pack(">4I", 2**31, 2**31, 4, 2)))
+    with pytest.raises(InputError, match=r"holds 0 data bytes, its header says 36893488147419103232"):
+        read_idx(tmp_path / "wrap.gz")
 
 
 def test_corrupt_or_missing_release_is_a_clear_error(tmp_path):

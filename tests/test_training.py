@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -112,6 +113,42 @@ def test_checkpoint_of_another_run_is_ignored(tmp_path):
     assert training.load_training_state(checkpoint, "f")["epoch"] == state["epoch"] == 2
     checkpoint.write_bytes(b"garbage")
     assert training.load_training_state(checkpoint, "f") is None
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_foreign_training_checkpoints_are_ignored_with_one_warning_line(tmp_path, caplog):
+    """Issue 19: a tensor-only file raised AttributeError; an unsafe one was a multi-line warning."""
+    checkpoint = tmp_path / "state.pt"
+    run(small_config(epochs=1), checkpoint=checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    marker = tmp_path / "pwned"
+    foreign = {
+        "tensor": (torch.zeros(3), r"holds a Tensor, not a training checkpoint"),
+        "unsafe": ({"fingerprint": "f", "module": _RunsShell(marker)}, r"refused by torch's weights-only loader: "
+                   r"Trying to load unsupported GLOBAL posix.system"),
+        "missing": ({"fingerprint": "f", "epoch": 1}, r"missing keys \['module', 'optimizer', 'scheduler', "
+                    r"'torch_rng', 'history'\]"),
+        "types": ({**state, "module": [1, 2]}, r"keys of the wrong type or value: \['module'\]"),
+        "rng": ({**state, "torch_rng": torch.zeros(3)}, r"keys of the wrong type or value: \['torch_rng'\]"),
+    }
+    for name, (payload, message) in foreign.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mom"):
+            assert training.load_training_state(path, "f") is None
+        warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+        assert len(warnings) == 1 and "\n" not in warnings[0] and re.search(message, warnings[0]), (name, warnings)
+        assert str(path) in warnings[0] and warnings[0].endswith("starting afresh")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("device,expected", [("cpu", None), ("cuda", ":4096:8"), ("cuda:1", ":4096:8")])

@@ -20,6 +20,7 @@ import numpy as np
 import scipy.io
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.category import category_dataset, check_full_counts
 from mom.datasets.images import FileItem
 from mom.errors import InputError
@@ -46,14 +47,14 @@ def load_cars(root: str | Path) -> dict[str, list[FileItem]]:
         names = [_text(name) for name in np.atleast_1d(mat["class_names"])]
         image_paths = [_text(p) for p in annotations["relative_im_path"]]
         classes = [int(c) for c in annotations["class"]]
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure on an untrusted file is one line
         raise InputError(f"root: {path} is not the Cars196 annotation file ({type(error).__name__}: {error})") from None
     if any(not 1 <= c <= len(names) for c in classes):
         raise InputError(f"root: {path}: class ids must lie in 1..{len(names)}")
     splits: dict[str, list[FileItem]] = {"train": [], "new_classes": []}
-    for relative, class_id in zip(image_paths, classes):
+    for image, relative, class_id in zip(confined_paths(root, image_paths, path), image_paths, classes):
         split = "train" if class_id in TRAIN_CLASSES else "new_classes"
-        splits[split].append(FileItem(path=root / relative, origin=relative, label=class_id - 1,
+        splits[split].append(FileItem(path=image, origin=relative, label=class_id - 1,
                                       class_name=names[class_id - 1]))
     return splits
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import read_annotation_text
 from mom.datasets.images import FileItem, empty_split, file_split, require_files
 from mom.errors import InputError
 
@@ -17,7 +18,7 @@ def read_table(path: Path, columns: int, header: bool = False) -> list[list[str]
     if not path.is_file():
         raise InputError(f"root: {path} not found (is root the dataset's top folder?)")
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_annotation_text(path).splitlines()
     for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
         if not line.strip():
             continue

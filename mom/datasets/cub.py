@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.category import as_int, category_dataset, check_full_counts, read_table
 from mom.datasets.download import extract, fetch
 from mom.datasets.images import FileItem
@@ -57,10 +58,12 @@ def load_cub(root: str | Path) -> dict[str, list[FileItem]]:
     if unknown:
         raise InputError(f"root: image_class_labels.txt uses classes {unknown[:5]} missing from classes.txt")
     splits: dict[str, list[FileItem]] = {"train": [], "new_classes": []}
-    for image_id in sorted(paths):
+    ids = sorted(paths)
+    images = confined_paths(folder / "images", [paths[image_id] for image_id in ids], folder / "images.txt")
+    for image_id, image in zip(ids, images):
         class_id = labels[image_id]
         split = "train" if class_id in TRAIN_CLASSES else "new_classes"
-        splits[split].append(FileItem(path=folder / "images" / paths[image_id], origin=f"images/{paths[image_id]}",
+        splits[split].append(FileItem(path=image, origin=f"images/{paths[image_id]}",
                                       label=class_id - 1, class_name=names[class_id]))
     return splits
 

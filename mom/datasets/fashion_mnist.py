@@ -19,6 +19,7 @@ Both the ``train`` (60,000) and ``t10k`` (10,000) files are pooled: 70,000
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -66,7 +67,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < header:
         raise InputError(f"root: {path} is truncated (incomplete IDX header)")
     shape = tuple(int(x) for x in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    size = int(np.prod(shape))
+    size = math.prod(shape)  # Python ints: a crafted header cannot overflow to the data length
     if len(raw) != header + size:
         raise InputError(f"root: {path} holds {len(raw) - header} data bytes, its header says {size} {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)

@@ -59,6 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the folder source
     IMAGE_EXTENSIONS,
     FileItem,
@@ -128,7 +129,8 @@ def prepare_folder(
     if ground_truth:
         rows = read_ground_truth_file(ground_truth)
         test_items = [_folder_item(test_root, rel, class_ids) for rel in test_listing[0]] if test_root else []
-        _add_retrieval_splits(dataset, rows, test_items, test_listing[1], test_root, query_root, max_side, workers)
+        _add_retrieval_splits(dataset, rows, test_items, test_listing[1], test_root, query_root, max_side, workers,
+                              ground_truth)
         return dataset
     collection_classes = {_first_folder(rel) for rel in train_listing[0]} - {None}
     for split, listing in split_by_class(test_listing, collection_classes if labels_from_folders else None).items():
@@ -197,18 +199,16 @@ def read_ground_truth_file(path: str | Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _add_retrieval_splits(dataset, rows, test_items, test_skipped, test_root, query_root, max_side, workers) -> None:
+def _add_retrieval_splits(dataset, rows, test_items, test_skipped, test_root, query_root, max_side, workers,
+                          ground_truth) -> None:
     if test_root is None:
         raise InputError("ground_truth: needs test_root (the database images)")
     query_folder = Path(query_root) if query_root else test_root
     if not query_folder.is_dir():
         raise InputError(f"query_root: {query_folder} is not a directory")
     queries = sorted({query for query, _, _ in rows})
-    outside = [query for query in queries if not _inside(query_folder, query)]
-    if outside:
-        raise InputError(f"ground_truth: {len(outside)} query paths leave {query_folder} (absolute, '..' or a "
-                         f"symlink out; paths must be relative to query_root), first: {outside[0]}")
-    missing = [query for query in queries if not (query_folder / query).is_file()]
+    query_paths = confined_paths(query_folder, queries, ground_truth, option="ground_truth")
+    missing = [query for query, path in zip(queries, query_paths) if not path.is_file()]
     if missing:
         raise InputError(f"ground_truth: {len(missing)} query images not found under {query_folder}, first: {missing[0]}")
     listed = {database for _, database, _ in rows}
@@ -216,7 +216,7 @@ def _add_retrieval_splits(dataset, rows, test_items, test_skipped, test_root, qu
     if unknown:
         raise InputError(f"ground_truth: {len(unknown)} database images not found under {test_root}, first: {unknown[0]}")
     database = [_required(item) if item.origin in listed else item for item in test_items]
-    query_items = [FileItem(path=query_folder / q, origin=q, required=True) for q in queries]
+    query_items = [FileItem(path=path, origin=q, required=True) for q, path in zip(queries, query_paths)]
     dataset.splits["database"] = file_split(SOURCE, "database", database, dataset, max_side or 0, workers, exif=True)
     dataset.splits["query"] = file_split(SOURCE, "query", query_items, dataset, max_side or 0, workers, exif=True)
     dataset.rejected.extend({"split": "database", "path": display_path(rel), "reason": reason}
@@ -231,16 +231,6 @@ def _add_retrieval_splits(dataset, rows, test_items, test_skipped, test_root, qu
 
     dataset.ground_truth = table
     dataset.info["protocols"] = ["positive"]
-
-
-def _inside(folder: Path, relative: str) -> bool:
-    """Whether ``folder / relative`` stays inside ``folder`` (symlinks resolved)."""
-    path = PurePosixPath(relative)
-    if path.is_absolute() or ".." in path.parts:
-        return False
-    base = folder.resolve()
-    target = (folder / relative).resolve()
-    return target == base or base in target.parents
 
 
 def _required(item: FileItem) -> FileItem:

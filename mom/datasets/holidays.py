@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.images import FileItem
 from mom.datasets.retrieval import Benchmark, retrieval_dataset
 from mom.errors import InputError
@@ -37,6 +38,7 @@ def load_holidays(root: str | Path) -> Benchmark:
     bad = [path.name for path in paths if not (path.stem.isdigit() and len(path.stem) == 6)]
     if bad:
         raise InputError(f"root: Holidays image names are six digits (100000.jpg); found {bad[:3]}")
+    confined_paths(folder, [path.name for path in paths], f"the folder listing of {folder}")
     database = [FileItem(path=p, origin=p.relative_to(root).as_posix(), required=True) for p in paths]
     groups: dict[int, list[int]] = {}
     for i, path in enumerate(paths):

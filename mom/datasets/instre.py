@@ -19,6 +19,7 @@ import numpy as np
 import scipy.io
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.images import FileItem
 from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
 from mom.errors import InputError
@@ -43,20 +44,22 @@ def load_instre(root: str | Path) -> Benchmark:
         gnd = np.atleast_1d(mat["gnd"])
         oks = [np.atleast_1d(np.asarray(entry, dtype=np.float64)) for entry in gnd["ok"]]
         boxes = [np.asarray(entry, dtype=np.float64).ravel() for entry in gnd["bbx"]]
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure on an untrusted file is one line
         raise InputError(f"root: {path} is not the INSTRE ground truth ({type(error).__name__}: {error})") from None
     if len(gnd) != len(qimlist):
         raise InputError(f"root: {path}: gnd has {len(gnd)} entries for {len(qimlist)} queries")
-    database = [FileItem(path=root / name, origin=name, required=True) for name in imlist]
+    database = [FileItem(path=image, origin=name, required=True)
+                for image, name in zip(confined_paths(root, imlist, path), imlist)]
+    query_paths = confined_paths(root, qimlist, path)
     queries, relevance = [], []
-    for q, (name, ok, box) in enumerate(zip(qimlist, oks, boxes)):
+    for q, (name, image, ok, box) in enumerate(zip(qimlist, query_paths, oks, boxes)):
         where = f"root: {path}: gnd[{q}]"
         if box.shape != (4,):
             raise InputError(f"{where}: bbx must be (x, y, width, height)")
         crop = checked_box([box[0], box[1], box[0] + box[2], box[1] + box[3]], where)
         if ok.size and (ok.min() < 1 or ok.max() > len(imlist) or not np.all(ok == np.round(ok))):
             raise InputError(f"{where}: ok must be 1-based indices into imlist (1..{len(imlist)})")
-        queries.append(FileItem(path=root / name, origin=crop_origin(name, crop), crop=crop, required=True))
+        queries.append(FileItem(path=image, origin=crop_origin(name, crop), crop=crop, required=True))
         relevance += [(q, int(i) - 1, "positive") for i in ok]
     full = (len(database), len(queries)) == FULL_SIZES
     return Benchmark(SOURCE, database, queries, relevance, ("positive",), {"full_set": full, "box_format": "x y w h"})

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths, read_annotation_text
 from mom.datasets.download import extract, fetch
 from mom.datasets.images import FileItem
 from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
@@ -68,17 +69,19 @@ def _image_index(root: Path, name: str) -> dict[str, Path]:
         index[path.stem] = path
     if not index:
         raise InputError(f"root: no .jpg images under {images}")
+    confined_paths(images, [path.relative_to(images).as_posix() for path in index.values()],
+                   f"the folder listing of {images}")
     return index
 
 
 def _read_names(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"root: {path} not found (each query needs _good, _ok and _junk lists)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_annotation_text(path).splitlines() if line.strip()]
 
 
 def _parse_query(path: Path) -> tuple[str, tuple[float, float, float, float]]:
-    fields = path.read_text().split()
+    fields = read_annotation_text(path).split()
     if len(fields) != 5:
         raise InputError(f"root: {path}: expected '<image> x0 y0 x1 y1', got {' '.join(fields)!r}")
     image = fields[0][len("oxc1_"):] if fields[0].startswith("oxc1_") else fields[0]

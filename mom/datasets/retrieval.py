@@ -102,7 +102,10 @@ def crop_origin(relative: str, box: Sequence[float]) -> str:
 
 def checked_box(box, where: str) -> tuple[float, float, float, float]:
     """A crop box ``(x0, y0, x1, y1)`` with x1 > x0 and y1 > y0, or an InputError."""
-    values = np.asarray(box, dtype=np.float64).ravel()
+    try:
+        values = np.asarray(box, dtype=np.float64).ravel()
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"{where}: bounding box is not four numbers (x0, y0, x1, y1)") from None
     if values.shape != (4,) or not np.isfinite(values).all() or values[2] <= values[0] or values[3] <= values[1]:
         raise InputError(f"{where}: bounding box {values.tolist()} is not (x0, y0, x1, y1) with x1 > x0, y1 > y0")
     return tuple(float(v) for v in values)

@@ -26,6 +26,7 @@ import scipy.io
 
 from mom import safe_pickle
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths
 from mom.datasets.download import extract, fetch, fetch_missing
 from mom.datasets.images import FileItem
 from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
@@ -34,7 +35,7 @@ from mom.errors import InputError
 NAMES = ("roxford5k", "rparis6k")
 FULL_SIZES = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
 LEVELS = ("easy", "hard", "junk")
-GROUND_TRUTH_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+GROUND_TRUTH_URL = "https://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
 IMAGE_ARCHIVES = {
     "roxford5k": ["https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images.tgz"],
     "rparis6k": [
@@ -45,7 +46,10 @@ IMAGE_ARCHIVES = {
 
 
 def _index_list(value, where: str, n_database: int) -> np.ndarray:
-    indices = np.asarray(value if value is not None else [], dtype=np.float64).ravel()
+    try:
+        indices = np.asarray(value if value is not None else [], dtype=np.float64).ravel()
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"{where}: expected a list or array of indices") from None
     if indices.size and (not np.all(indices == np.round(indices)) or indices.min() < 0 or indices.max() >= n_database):
         raise InputError(f"{where}: indices must be integers in 0..{n_database - 1}")
     return indices.astype(np.int64)
@@ -70,7 +74,7 @@ def read_mat_ground_truth(path: Path) -> dict:
                 values = np.atleast_1d(np.asarray(entry[level], dtype=np.float64)) if level in fields else np.zeros(0)
                 parsed[level] = values - 1
             gnd.append(parsed)
-    except (KeyError, ValueError, TypeError, IndexError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - any failure on an untrusted file is one line
         raise InputError(f"{path}: not a revisited ground-truth file ({type(error).__name__}: {error})") from None
     return {**names, "gnd": gnd}
 
@@ -82,6 +86,8 @@ def parse_ground_truth(path: Path) -> tuple[list[str], list[str], list[dict]]:
         raise InputError(f"{path}: expected a dict with imlist, qimlist and gnd")
     imlist = _names(data["imlist"], "imlist", path)
     qimlist = _names(data["qimlist"], "qimlist", path)
+    if not isinstance(data["gnd"], (list, tuple)):
+        raise InputError(f"{path}: gnd must be a list with one dict per query")
     if len(data["gnd"]) != len(qimlist):
         raise InputError(f"{path}: gnd has {len(data['gnd'])} entries for {len(qimlist)} queries")
     queries = []
@@ -117,11 +123,12 @@ def load_revisited(root: str | Path, name: str) -> Benchmark:
     if not gnd_path.is_file():
         raise InputError(f"root: {gnd_path} (or .mat) not found (the revisited ground truth; or turn on download)")
     imlist, qimlist, queries = parse_ground_truth(gnd_path)
-    database = [FileItem(path=root / "jpg" / f"{im}.jpg", origin=f"jpg/{im}.jpg", required=True) for im in imlist]
+    database_paths = confined_paths(root / "jpg", [f"{im}.jpg" for im in imlist], gnd_path)
+    query_paths = confined_paths(root / "jpg", [f"{qim}.jpg" for qim in qimlist], gnd_path)
+    database = [FileItem(path=path, origin=f"jpg/{im}.jpg", required=True) for path, im in zip(database_paths, imlist)]
     query_items = [
-        FileItem(path=root / "jpg" / f"{qim}.jpg", origin=crop_origin(f"jpg/{qim}.jpg", gnd["bbx"]),
-                 crop=gnd["bbx"], required=True)
-        for qim, gnd in zip(qimlist, queries)
+        FileItem(path=path, origin=crop_origin(f"jpg/{qim}.jpg", gnd["bbx"]), crop=gnd["bbx"], required=True)
+        for path, qim, gnd in zip(query_paths, qimlist, queries)
     ]
     relevance = [(q, int(i), level) for q, gnd in enumerate(queries) for level in LEVELS for i in gnd[level]]
     full = (len(imlist), len(qimlist)) == FULL_SIZES[name]

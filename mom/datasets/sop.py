@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from mom.datasets import PreparedDataset
+from mom.datasets.annotations import confined_paths, read_annotation_text
 from mom.datasets.category import as_int, category_dataset, check_full_counts, read_table
 from mom.datasets.images import FileItem
 from mom.errors import InputError
@@ -28,7 +29,7 @@ FULL_SPLITS = {"train": 59551, "new_classes": 60502}
 def _read_list(path: Path) -> list[list[str]]:
     if not path.is_file():
         raise InputError(f"root: {path} not found (is root the Stanford_Online_Products folder?)")
-    first = path.read_text(encoding="utf-8").split("\n", 1)[0].split()
+    first = read_annotation_text(path).split("\n", 1)[0].split()
     if first != HEADER:
         raise InputError(f"root: {path}: first line must be the header {' '.join(HEADER)}")
     return read_table(path, 4, header=True)
@@ -40,10 +41,12 @@ def load_sop(root: str | Path) -> dict[str, list[FileItem]]:
     classes: dict[str, set[int]] = {}
     for split, name in LISTS.items():
         items = []
-        for _, class_id, _, relative in _read_list(root / name):
+        rows = _read_list(root / name)
+        images = confined_paths(root, [row[3] for row in rows], root / name)
+        for (_, class_id, _, relative), image in zip(rows, images):
             label = as_int(class_id, name) - 1
             folder = PurePosixPath(relative).parts[0]
-            items.append(FileItem(path=root / relative, origin=relative, label=label, class_name=f"{folder}/{label + 1}"))
+            items.append(FileItem(path=image, origin=relative, label=label, class_name=f"{folder}/{label + 1}"))
         splits[split] = items
         classes[split] = {item.label for item in items}
     shared = classes["train"] & classes["new_classes"]
