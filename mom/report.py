@@ -11,6 +11,8 @@ second when given) and renders it as Markdown and as a PNG. Every metric is
 reported for both evaluations: ``new_images`` (new images of the collection's
 classes) and ``new_classes`` (unseen classes).
 Which cells exist is the caller's decision (the params), never a folder scan.
+:func:`headline` picks, from one evaluation, the few numbers a user compares
+between runs (the main pipeline's DVC metrics).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ EVALUATIONS = (("new_images", "new images"), ("new_classes", "new classes"))
 # (metric key, header) of the fine-grained metrics, in table order.
 FINE_GRAINED = (("recall_at_1", "R@1"), ("nmi", "NMI"))
 PURITY = (("positive_purity", "P+ purity"), ("negative_purity", "P- purity"))
+# The embeddings whose numbers are headline metrics (the untrained start stays in the report).
+HEADLINE_VERSIONS = ("initial", "finetuned")
 
 
 def cell_name(row: str, seed: int) -> str:
@@ -75,6 +79,45 @@ def proxy_metrics(proxy: dict, version: str) -> dict[str, float]:
             if chosen is not None:
                 flat[f"proxy_map_{split}_{level}"] = float(chosen["map"])
     return flat
+
+
+def headline(evaluation: dict, proxy: dict | None = None) -> dict:
+    """The numbers a user compares between runs (the pipeline's DVC metrics),
+    from an ``evaluate`` report and, when given, a ``proxy_retrieval`` report:
+    per evaluation split the ``initial`` features' and the ``finetuned``
+    network's Recall@1, Recall@K at the largest K and NMI; mAP per retrieval
+    protocol; the proxy mAP per split and level (``proxy_map``). Counts,
+    settings, the untrained start and the other K stay in the reports."""
+    result = {}
+    for split, _ in EVALUATIONS:
+        section = evaluation.get(split, {})
+        versions = {version: _fine_grained_headline(section[version]) for version in HEADLINE_VERSIONS
+                    if section.get(version)}
+        if versions:
+            result[split] = versions
+    retrieval = evaluation.get("retrieval", {})
+    maps = {version: {protocol: float(entry["map"]) for protocol, entry in retrieval[version].items()}
+            for version in HEADLINE_VERSIONS if retrieval.get(version)}
+    if maps:
+        result["retrieval_map"] = maps
+    if proxy:
+        per_version = {version: proxy_metrics(proxy, version) for version in HEADLINE_VERSIONS}
+        levels = {}
+        for split, _ in EVALUATIONS:
+            for level in proxy.get(split, {}).get("levels", {}):
+                key = f"proxy_map_{split}_{level}"
+                values = {version: per_version[version][key] for version in HEADLINE_VERSIONS if key in per_version[version]}
+                if values:
+                    levels.setdefault(split, {})[level] = values
+        if levels:
+            result["proxy_map"] = levels
+    return result
+
+
+def _fine_grained_headline(section: dict) -> dict[str, float]:
+    ks = sorted(int(key[len("recall_at_"):]) for key in section if key.startswith("recall_at_"))
+    keys = [f"recall_at_{k}" for k in dict.fromkeys(ks[:1] + ks[-1:])] + ["nmi"]
+    return {key: float(section[key]) for key in keys if key in section}
 
 
 def pool_purities(purity: dict) -> dict[str, float]:

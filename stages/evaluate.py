@@ -17,13 +17,18 @@ Retrieval protocol (when ``<prepared>/ground_truth.parquet`` and the ``query``
 and ``database`` splits exist): mAP and mP@k per protocol whose levels the
 ground truth uses (revisited Easy/Medium/Hard, classic, positive), junk ignored.
 
-Writes ``--metrics`` (JSON, DVC metrics) and PNG figures in ``--plots-dir``:
-``recall_at_k.png`` (one panel per evaluation: initial, untrained start,
-fine-tuned) and ``training.png`` (the fine-tuning log's curves).
+Writes ``--report`` (JSON: every number, with the settings and counts behind
+them), ``--metrics`` (JSON, the headline DVC metrics: per evaluation Recall@1,
+Recall@<largest K> and NMI of the initial features and the fine-tuned network,
+mAP per retrieval protocol, and the proxy retrieval mAP per split and level
+read from ``--proxy-report``; :func:`mom.report.headline`) and, in
+``--plots-dir``, the plot data ``recall_at_k/<split>.json`` (one row per K:
+``k``, ``initial``, ``start``, ``finetuned``; DVC plots) and PNG figures for
+offline reading: ``recall_at_k.png`` (one panel per evaluation) and
+``training.png`` (the fine-tuning log's curves, :mod:`mom.training_log`).
 """
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -36,6 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
+from mom.report import headline  # noqa: E402
+from mom.training_log import read_training_log  # noqa: E402
 from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
 from mom.imagestore import MANIFEST_NAME, ImageStore  # noqa: E402
 from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
@@ -77,12 +84,9 @@ def protocols_in(table) -> list[str]:
     return [name for name, (positive, _) in PROTOCOLS.items() if levels & set(positive)]
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                for row in csv.DictReader(handle, delimiter="\t")]
+def recall_series(ks, section: dict) -> list[dict]:
+    """Plot data of one evaluation: per K the Recall@K of every embedding it reports."""
+    return [{"k": k, **{name: section[name][f"recall_at_{k}"] for name in EMBEDDINGS if name in section}} for k in ks]
 
 
 def recall_figure(ks, sections: dict[str, dict]):
@@ -140,10 +144,14 @@ def load_initial(path: Path, n: int) -> np.ndarray:
               show_default=True)
 @click.option("--prepared", type=click.Path(path_type=Path), default="data/prepared", show_default=True)
 @click.option("--features", "features_dir", type=click.Path(path_type=Path), default="data/features", show_default=True)
-@click.option("--finetune-log", "log_path", type=click.Path(path_type=Path), default="data/finetune/log.tsv",
-              show_default=True)
-@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default="metrics/evaluate.json",
-              show_default=True)
+@click.option("--finetune-log", "log_path", type=click.Path(path_type=Path), default="data/finetune/live",
+              show_default=True, help="the fine-tuning log (DVCLive folder) drawn in training.png")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default="reports/evaluate.json",
+              show_default=True, help="every number, with settings and counts")
+@click.option("--metrics", "metrics_path", default="metrics/evaluate.json", show_default=True,
+              help="the headline metrics ('' = not written)")
+@click.option("--proxy-report", "proxy_path", default="reports/proxy_retrieval.json", show_default=True,
+              help="the proxy_retrieval report whose mAP per level joins the headline ('' = none)")
 @click.option("--plots-dir", type=click.Path(path_type=Path), default="plots", show_default=True)
 @click.option("--ks", type=int, multiple=True, default=(1, 2, 4, 8), show_default=True, help="Recall@K")
 @click.option("--kmeans_seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -154,13 +162,15 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 @click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
 @stage_command("evaluate")
-def main(model_path, start_path, whitening_path, prepared, features_dir, log_path, metrics_path, plots_dir, **options):
+def main(model_path, start_path, whitening_path, prepared, features_dir, log_path, report_path, metrics_path, proxy_path,
+         plots_dir, **options):
     ks = sorted(set(options["ks"]))
     require(ks and ks[0] >= 1, f"ks: need positive integers, got {list(options['ks'])}")
     require(options["kmeans_n_init"] >= 1, f"kmeans_n_init: must be >= 1, got {options['kmeans_n_init']}")
     require(options["precision_ks"] and min(options["precision_ks"]) >= 1,
             f"precision_ks: need positive integers, got {list(options['precision_ks'])}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
+    proxy = artifacts.load_json(proxy_path) if proxy_path else None
     net, extra = networks.load_checkpoint(model_path)
     options["scales"], options["aggregation"] = networks.embedding_settings(extra, options["scales"], options["aggregation"])
     mean, projection, method = whitening.load_whitening(whitening_path)
@@ -183,12 +193,16 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
         result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
     require(any(key in result for key in (*EVALUATIONS, "retrieval")),
             f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
-    artifacts.save_json(metrics_path, result)
+    artifacts.save_json(report_path, result)
+    if metrics_path:
+        artifacts.save_json(metrics_path, headline(result, proxy))
 
     sections = {split: result[split] for split in EVALUATIONS if split in result}
+    for split, section in sections.items():
+        artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:
         artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
-    rows = read_log(log_path)
+    rows = read_training_log(log_path)
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")

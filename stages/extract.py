@@ -5,7 +5,7 @@ Reads the image stores ``prepare`` wrote in ``<prepared>`` (``train``, ``val``,
 ``<out-dir>/<split>.npy`` for each (float32 ``(n, d)``, l2-normalized,
 row i = manifest item i; a split that ``prepare`` did not write gets an empty
 ``(0, d)`` array so the stage's outputs are always the same files) and
-``<out-dir>/metrics.json`` (count, dimension, seconds, images/s per split and in
+``<out-dir>/report.json`` (count, dimension, seconds, images/s per split and in
 total, and Recall@1/2/4/8 of the labeled evaluation splits ``new_images`` and
 ``new_classes``: the "initial" rows every later result must beat). Optional PCA-whitening is learned on the
 train split only and applied to every split.
@@ -173,7 +173,7 @@ def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, 
 
     for split, array in features.items():
         artifacts.save_npy(out_dir / f"{split}.npy", array.astype(np.float32, copy=False))
-    artifacts.save_json(out_dir / "metrics.json", metrics)
+    artifacts.save_json(out_dir / "report.json", metrics)
     log.info("wrote %s", ", ".join(str(out_dir / f"{split}.npy") for split in SPLITS))
 
 

@@ -7,8 +7,10 @@ Writes ``<out-dir>/start.pt`` (the network before its first step, head
 initialized: the "untrained start" that evaluate reports) and
 ``<out-dir>/model.pt`` (``{"meta", "state_dict", "extra"}``: rebuilds
 with ``mom.networks.load_checkpoint``; ``extra["embedding"]`` holds the scales
-and aggregation at which whiten and evaluate embed images with it), ``<out-dir>/log.tsv`` (one row per epoch:
-DVC plots) and ``<out-dir>/summary.json``.
+and aggregation at which whiten and evaluate embed images with it), ``<out-dir>/live/``
+(the training log, written with DVCLive: per-epoch loss, active fraction and
+validation Recall@1, and their summary; :mod:`mom.training_log`) and
+``<out-dir>/summary.json`` (what the run used: pools, head, parameters).
 
 Resume: after every epoch the full training state is written to
 ``<checkpoint-dir>/<fingerprint>.pt``, *outside* the stage's DVC outputs (DVC
@@ -53,6 +55,7 @@ import pyarrow as pa
 import torch
 
 from mom import artifacts, distributed, extraction, hdml, metrics, networks, training, tuples
+from mom.training_log import write_training_log
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools, unit_mean_weights
@@ -61,8 +64,6 @@ from stages._cli import StageCommand, require, stage_command, timed
 log = logging.getLogger("mom")
 
 POOL_COLUMNS = ("anchor", "member", "kind", "rank", "manifold_similarity")
-LOG_COLUMNS = ("epoch", "lr", "loss", "active", "val_recall_at_1",
-               "j_avg", "synthetic_weight", "farther", "j_syn", "j_metric", "j_recon", "j_soft", "j_gen", "j_ce")
 SYNTHESES = ("none", "hdml")
 SUPERVISIONS = ("none", "labels", "kmeans")
 
@@ -116,22 +117,6 @@ def read_pools(path: Path, n_train: int):
 def read_anchor_ids(path: Path) -> np.ndarray:
     table = artifacts.load_parquet(path, columns=["item"])
     return table.column("item").to_numpy()
-
-
-def write_log(path: Path, history: list[dict]) -> None:
-    columns = [c for c in LOG_COLUMNS if any(c in row for row in history)]
-    lines = ["\t".join(columns)]
-    for row in history:
-        lines.append("\t".join(_format(row.get(column)) for column in columns))
-    artifacts.save_text(path, "\n".join(lines) + "\n")
-
-
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
@@ -407,7 +392,7 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
 
     networks.save_checkpoint(out_dir / "model.pt", net, extra={"epochs": config.epochs, "embedding": embedding,
                                                                **hdml_run.model_extra()})
-    write_log(out_dir / "log.tsv", history)
+    write_training_log(out_dir / "live", history, initial_val)
     artifacts.save_json(out_dir / "summary.json", {
         **hdml_run.record(),
         "anchors_with_tuples": len(pools.anchors),

@@ -13,7 +13,7 @@ Writes in ``--out-dir``:
 - ``index.json``: what was indexed, and how to embed a query file the same way
   with both networks: the initial network's extract settings (``--backbone``,
   ``--weights``, ``--pooling``, ``--gem_p``, ``--aggregation``, ``--pca_whiten``;
-  the scales extract used, read from ``<features>/metrics.json``), the
+  the scales extract used, read from ``<features>/report.json``), the
   fine-tuned model's embedding settings and the SHA-256 of the model and the
   whitening (a later search refuses a model that changed since), and
   ``max_side``: how ``prepare`` downscales a file (``prepare.max_side``).
@@ -66,8 +66,8 @@ def open_splits(prepared: Path, names) -> dict[str, ImageStore]:
 
 
 def extract_scales(features_dir: Path, options: dict) -> list[int]:
-    """The scales ``extract`` used, from its metrics, after checking its network is the one named by the options."""
-    path = features_dir / "metrics.json"
+    """The scales ``extract`` used, from its report, after checking its network is the one named by the options."""
+    path = features_dir / "report.json"
     recorded = artifacts.load_json(path)
     for key in ("backbone", "pooling"):
         require(recorded.get(key) == options[key], f"{path}: features extracted with {key} {recorded.get(key)!r}, "

@@ -19,9 +19,12 @@ the views are ranked with
   scales and aggregation its checkpoint records;
 - ``finetuned_whitened``: the same, then ``--whitening`` (omitted when ``''``).
 
-Writes ``--metrics`` (JSON, DVC metrics): mAP and mP@k per split, level and
-descriptor, with a ``note`` saying it is a proxy. Labels are never read, so
-the benchmark also runs on an unlabeled held-out split.
+Writes ``--report`` (JSON): mAP and mP@k per split, level and descriptor, with
+a ``note`` saying it is a proxy and the settings (``evaluate`` copies the mAP
+of the initial and fine-tuned descriptors into the headline metrics), and,
+unless ``--plots-dir ''``, the plot data ``<plots-dir>/proxy_map/<split>.json``
+(one bar per level and descriptor: ``bar``, ``map``; DVC plots). Labels are
+never read, so the benchmark also runs on an unlabeled held-out split.
 
     python -m stages.proxy_retrieval --objects 500 --model '' --whitening ''
 """
@@ -172,10 +175,11 @@ def _raw_side(benchmark) -> int | None:
               help="fine-tuned checkpoint ('' = skip the fine-tuned rows)")
 @click.option("--whitening", "whitening_path", default="data/whiten/whitening.npz", show_default=True,
               help="whitening of the fine-tuned descriptors ('' = skip)")
-@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path),
-              default=Path("metrics/proxy_retrieval.json"), show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              default=Path("reports/proxy_retrieval.json"), show_default=True)
+@click.option("--plots-dir", default="plots", show_default=True, help="where proxy_map/<split>.json goes ('' = none)")
 @stage_command("proxy_retrieval")
-def main(prepared: Path, model_path: str, whitening_path: str, metrics_path: Path, **options) -> None:
+def main(prepared: Path, model_path: str, whitening_path: str, report_path: Path, plots_dir: str, **options) -> None:
     """Proxy retrieval mAP of raw pixels, the initial and the fine-tuned network."""
     validate(options, model_path, whitening_path)
     require((prepared / "report.json").is_file(),
@@ -185,7 +189,7 @@ def main(prepared: Path, model_path: str, whitening_path: str, metrics_path: Pat
     result = header(options, model_path, whitening_path)
     if not stores:
         log.warning("%s: no evaluation split (%s); nothing to benchmark", prepared, ", ".join(EVALUATION_SPLITS))
-        artifacts.save_json(metrics_path, result | {"skipped": f"{prepared}: no evaluation split"})
+        artifacts.save_json(report_path, result | {"skipped": f"{prepared}: no evaluation split"})
         return
     finetuned = load_finetuned(model_path, whitening_path, options)
     if options["threads"]:
@@ -195,8 +199,17 @@ def main(prepared: Path, model_path: str, whitening_path: str, metrics_path: Pat
     describe_finetuned(result, finetuned, model_path, whitening_path)
     for split, store in stores.items():
         result[split] = benchmark_split(split, store, initial_net, finetuned, options)
-    artifacts.save_json(metrics_path, result)
-    log.info("wrote %s", metrics_path)
+    artifacts.save_json(report_path, result)
+    log.info("wrote %s", report_path)
+    if plots_dir:
+        for split in stores:
+            artifacts.save_json(Path(plots_dir) / "proxy_map" / f"{split}.json", {"proxy_map": map_bars(result[split])})
+
+
+def map_bars(section: dict) -> list[dict]:
+    """Plot data of one split: the mAP of every level and descriptor, one bar each."""
+    return [{"bar": f"{level}: {name}", "map": entry["map"]}
+            for level, descriptors in section["levels"].items() for name, entry in descriptors.items()]
 
 
 def benchmark_split(split: str, store: ImageStore, initial_net, finetuned, options: dict) -> dict:

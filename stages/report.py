@@ -9,7 +9,7 @@ protocol when the dataset has a ground truth) and
 ``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist) and,
 when it exists, ``<proxy-dir>/<cell>.json`` (proxy retrieval mAP per level; a
 column appears only when every listed cell has it).
-``--start-metrics`` (the main pipeline's evaluate report) gives the row of the
+``--start-metrics`` (the main pipeline's evaluate report, reports/evaluate.json) gives the row of the
 untrained start of fine-tuning.
 Writes ``--markdown`` and ``--png`` (the table: mean ± std over seeds in percent,
 the initial features first) and ``--json`` (the same numbers, DVC metrics).
@@ -54,7 +54,7 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
     for row, seed in ((row, seed) for row in names for seed in seeds):
         cell = cell_name(row, seed)
         path = metrics_dir / f"{cell}.json"
-        require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (run the grid: dvc repro ablations/dvc.yaml; stage grid_evaluate)")
+        require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (run the grid: bash scripts/repro.sh ablations/dvc.yaml; stage grid_evaluate)")
         evaluations[cell] = artifacts.load_json(path)
         purity = grid_dir / cell / "mine" / "purity.json"
         if purity.is_file():
@@ -71,7 +71,7 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
 @click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics/grid", show_default=True)
 @click.option("--grid-dir", type=click.Path(path_type=Path), default="data/grid", show_default=True)
 @click.option("--proxy-dir", type=click.Path(path_type=Path), default="metrics/grid_proxy", show_default=True)
-@click.option("--start-metrics", "start_path", type=click.Path(path_type=Path), default="metrics/evaluate.json",
+@click.option("--start-metrics", "start_path", type=click.Path(path_type=Path), default="reports/evaluate.json",
               show_default=True, help="an evaluate report with the untrained start ('' = no such row)")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default="reports/table1.md",
               show_default=True)

@@ -173,10 +173,10 @@ def test_torchrun_extract_is_byte_identical_to_one_process(tmp_path):
     run_extract([sys.executable], prepared, tmp_path / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_extract(torchrun, prepared, tmp_path / "two")
-    files = ["database.npy", "metrics.json", "new_classes.npy", "new_images.npy", "query.npy", "train.npy", "val.npy"]
+    files = ["database.npy", "new_classes.npy", "new_images.npy", "query.npy", "report.json", "train.npy", "val.npy"]
     assert sorted(path.name for path in (tmp_path / "two").iterdir()) == files  # no per-rank leftovers
     for split in ("train", "val", "new_images", "new_classes", "query", "database"):
         assert (tmp_path / "one" / f"{split}.npy").read_bytes() == (tmp_path / "two" / f"{split}.npy").read_bytes()
-    one, two = (artifacts.load_json(tmp_path / name / "metrics.json") for name in ("one", "two"))
+    one, two = (artifacts.load_json(tmp_path / name / "report.json") for name in ("one", "two"))
     assert (one["processes"], two["processes"]) == (1, 2)
     assert two["count"] == 54 and two["new_classes"] == one["new_classes"]

@@ -10,6 +10,7 @@ import pytest
 
 from mom import artifacts
 from test_pipeline_e2e import FASHION, dvc, project  # noqa: F401 (project is a fixture)
+from tiny_pipeline import commit_run
 
 wsgidav_app = pytest.importorskip(
     "wsgidav.wsgidav_app", reason="WebDAV server package wsgidav not installed (requirements.txt pins it)")
@@ -64,12 +65,16 @@ def stored_objects(folder: Path) -> list[Path]:
                     reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
 def test_push_then_pull_into_a_fresh_clone_keeps_the_graph(project, webdav_server, tmp_path_factory):
     url, storage = webdav_server
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "the project")
     assert "Running stage 'graph'" in dvc(project, "repro", "graph")
     dvc(project, "remote", "add", "--default", "shared", url)
     use_remote_credentials(project)
     assert PASSWORD not in (project / ".dvc" / "config").read_text()
-    git(project, "add", ".")
-    git(project, "commit", "-q", "-m", "graph on tiny data")
+    commit_run(project, "graph on tiny data")  # the README's git add after a run
+    git(project, "add", ".dvc/config")
+    git(project, "commit", "-q", "-m", "the shared remote")
+    assert git(project, "status", "--porcelain") == ""
     assert "config.local" not in git(project, "ls-files", ".dvc")
     dvc(project, "push")
     assert len(stored_objects(storage)) >= len(GRAPH_OUTPUTS)

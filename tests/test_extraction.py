@@ -163,7 +163,7 @@ def test_stage_writes_aligned_features_and_metrics(tmp_path, net):
     expected = extraction.embed_store(net, ImageStore.open(tmp_path / "prepared" / "train"), [32], progress=False)
     assert np.allclose(train, expected, atol=1e-5)
 
-    metrics = artifacts.load_json(out / "metrics.json")
+    metrics = artifacts.load_json(out / "report.json")
     assert metrics["count"] == 14 and metrics["dim"] == 1280 and metrics["splits"]["val"]["count"] == 0
     assert metrics["images_per_second"] > 0 and metrics["seconds"] > 0
     recall = recall_at_k(test, np.arange(8) % 2, (1, 2, 4))  # K = 8 needs 9 test items

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mom import artifacts, networks
+from mom.training_log import read_training_log
 from test_finetune_stage import HDML_OPTIONS, ROOT, stage_args, workspace  # noqa: F401  (workspace: the fixture)
 
 # 36 tuples in batches of 7: the last batch holds one tuple, so rank 1 sits it out with a zero loss
@@ -30,18 +31,13 @@ def run_finetune(launcher, args):
     return result.stderr
 
 
-def read_log(path):
-    header, *rows = [line.split("\t") for line in path.read_text().splitlines()]
-    return [dict(zip(header, map(float, row))) for row in rows]
-
-
 @pytest.mark.slow
 def test_torchrun_finetune_trains_like_one_process(workspace, tmp_path):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "two"
     run_finetune([sys.executable], stage_args(workspace, one, **ARGS))
     output = run_finetune(TORCHRUN, stage_args(workspace, two, **ARGS))
 
-    assert sorted(path.name for path in two.iterdir()) == ["log.tsv", "model.pt", "start.pt", "summary.json"]
+    assert sorted(path.name for path in two.iterdir()) == ["live", "model.pt", "start.pt", "summary.json"]
     assert not list((tmp_path / "two-ckpt").glob("*.pt")), "rank 0 removes the checkpoint once model.pt is written"
     assert artifacts.load_json(two / "summary.json")["processes"] == 2
     assert "processes" not in artifacts.load_json(one / "summary.json")
@@ -49,7 +45,7 @@ def test_torchrun_finetune_trains_like_one_process(workspace, tmp_path):  # noqa
     agreed = re.findall(r"epoch (\d+): 36 tuples, sha256 ([0-9a-f]{64}) on all 2 ranks", output)
     assert [epoch for epoch, _ in agreed] == ["1", "2"], output[-3000:]
 
-    rows_one, rows_two = read_log(one / "log.tsv"), read_log(two / "log.tsv")
+    rows_one, rows_two = read_training_log(one / "live")[1:], read_training_log(two / "live")[1:]  # after step 0
     assert [row["epoch"] for row in rows_two] == [1, 2]
     for a, b in zip(rows_one, rows_two):
         assert math.isfinite(b["loss"]) and b["loss"] > 0
@@ -90,7 +86,8 @@ def test_torchrun_supervised_hdml_npair_trains_like_one_process(workspace, tmp_p
     output = run_finetune(TORCHRUN, stage_args(workspace, two, **args) + ["--no-weighted"])
     agreed = re.findall(r"epoch (\d+): 12 tuples, sha256 ([0-9a-f]{64}) on all 2 ranks", output)
     assert [epoch for epoch, _ in agreed] == ["1", "2"], output[-3000:]
-    for a, b in zip(read_log(one / "log.tsv"), read_log(two / "log.tsv"), strict=True):
+    epochs = [[row for row in read_training_log(out / "live") if "loss" in row] for out in (one, two)]
+    for a, b in zip(*epochs, strict=True):
         for column in ("loss", "j_syn", "j_recon", "j_soft", "j_ce", "j_avg", "synthetic_weight"):
             assert b[column] == pytest.approx(a[column], rel=1e-3), column
     assert artifacts.load_json(two / "summary.json")["labels_used"] is True
@@ -119,4 +116,5 @@ def test_torchrun_finetune_killed_then_resumed_gives_the_uninterrupted_result(wo
     output = run_finetune(TORCHRUN, stage_args(workspace, out, epochs=epochs, batch_size=7, **options))
     assert f"resuming after epoch {finished} of {epochs}" in output
     assert (out / "model.pt").read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
-    assert (out / "log.tsv").read_text() == (tmp_path / "ref" / "log.tsv").read_text()
+    assert read_training_log(out / "live") == read_training_log(tmp_path / "ref" / "live")
+    assert (out / "live" / "metrics.json").read_bytes() == (tmp_path / "ref" / "live" / "metrics.json").read_bytes()

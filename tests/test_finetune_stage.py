@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from mom import artifacts, extraction, networks
 from mom.imagestore import write_image_store
+from mom.training_log import read_training_log
 from stages import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,12 @@ def stage_args(root, out, epochs=2, **extra):
     return [str(a) for a in args]
 
 
+def log_bytes(out_dir: Path) -> dict[str, bytes]:
+    """Every file of the DVCLive training log of one finetune output folder."""
+    live = out_dir / "live"
+    return {path.relative_to(live).as_posix(): path.read_bytes() for path in sorted(live.rglob("*")) if path.is_file()}
+
+
 def test_finetune_writes_a_rebuildable_model_a_log_and_is_deterministic(workspace, tmp_path):
     runner = CliRunner()
     for name in ("a", "b"):
@@ -92,10 +99,13 @@ def test_finetune_writes_a_rebuildable_model_a_log_and_is_deterministic(workspac
         assert result.exit_code == 0, result.output
     a, b = tmp_path / "a", tmp_path / "b"
     assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
-    assert (a / "log.tsv").read_text() == (b / "log.tsv").read_text()
-    lines = (a / "log.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == ["epoch", "lr", "loss", "active", "val_recall_at_1"]
-    assert [line.split("\t")[0] for line in lines[1:]] == ["1", "2"]
+    assert log_bytes(a) == log_bytes(b)
+    rows = read_training_log(a / "live")
+    assert [row["epoch"] for row in rows] == [0, 1, 2], "val Recall@1 before training at step 0, then each epoch"
+    assert set(rows[0]) == {"epoch", "val_recall_at_1"}
+    assert all(set(row) == {"epoch", "loss", "active", "val_recall_at_1"} for row in rows[1:])
+    live_summary = artifacts.load_json(a / "live" / "metrics.json")
+    assert live_summary == {**{key: rows[-1][key] for key in ("loss", "active", "val_recall_at_1")}, "step": 2}
     net, _ = networks.load_checkpoint(a / "model.pt")
     assert net.dim == 64
     fresh = networks.build_network(net.meta, seed=0)
@@ -169,7 +179,8 @@ def test_an_empty_validation_split_only_skips_validation(workspace, tmp_path):
     args[args.index("--val") + 1] = str(tmp_path / "empty")
     result = CliRunner().invoke(finetune.main, args)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "log.tsv").read_text().splitlines()[0].split("\t") == ["epoch", "lr", "loss", "active"]
+    rows = read_training_log(tmp_path / "out" / "live")
+    assert [row["epoch"] for row in rows] == [1] and set(rows[0]) == {"epoch", "loss", "active"}
 
 
 def test_missing_pools_is_a_clear_error(workspace, tmp_path):
@@ -214,7 +225,7 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_result(workspa
     assert resumed.returncode == 0, output
     assert f"resuming after epoch {finished} of {epochs}" in output
     assert (out / "model.pt").read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
-    assert (out / "log.tsv").read_text() == (tmp_path / "ref" / "log.tsv").read_text()
+    assert log_bytes(out) == log_bytes(tmp_path / "ref")
 
 
 # ------------------------------------------------------------ whiten, evaluate
@@ -298,11 +309,12 @@ def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(train
     args = ["--model", out / "finetune" / "model.pt", "--start", out / "finetune" / "start.pt",
             "--whitening", out / "whiten-none" / "whitening.npz",
             "--prepared", out / "prepared", "--features", out / "features",
-            "--finetune-log", out / "finetune" / "log.tsv", "--metrics", tmp_path / "metrics.json",
+            "--finetune-log", out / "finetune" / "live", "--report", tmp_path / "report.json",
+            "--metrics", tmp_path / "metrics.json", "--proxy-report", "",
             "--plots-dir", tmp_path / "plots", "--kmeans_n_init", "2"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    report = artifacts.load_json(tmp_path / "metrics.json")
+    report = artifacts.load_json(tmp_path / "report.json")
     for split, items in (("new_images", 21), ("new_classes", 30)):
         section, labels = report[split], test_labels[split]
         assert section["items"] == items and section["classes"] == 3
@@ -320,11 +332,18 @@ def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(train
     assert "retrieval" not in report
     for name in ("recall_at_k.png", "training.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    headline = artifacts.load_json(tmp_path / "metrics.json")
+    assert headline == {split: {version: {key: report[split][version][key] for key in ("recall_at_1", "recall_at_8", "nmi")}
+                                for version in ("initial", "finetuned")} for split in ("new_images", "new_classes")}
+    for split in ("new_images", "new_classes"):
+        series = artifacts.load_json(tmp_path / "plots" / "recall_at_k" / f"{split}.json")["recall_at_k"]
+        assert series == [{"k": k, **{name: report[split][name][f"recall_at_{k}"]
+                                      for name in ("initial", "start", "finetuned")}} for k in (1, 2, 4, 8)]
     # same inputs, same bytes
     second = tmp_path / "again.json"
-    args[args.index("--metrics") + 1] = second
+    args[args.index("--report") + 1] = second
     assert CliRunner().invoke(evaluate.main, [str(a) for a in args]).exit_code == 0
-    assert second.read_bytes() == (tmp_path / "metrics.json").read_bytes()
+    assert second.read_bytes() == (tmp_path / "report.json").read_bytes()
 
 
 def embed_with(checkpoint, store):
@@ -360,11 +379,15 @@ def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
         artifacts.save_npy(tmp_path / "features" / f"{split}.npy", features[split])
     assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
     args = ["--model", out / "finetune" / "model.pt", "--start", "", "--whitening", out / "whiten-none" / "whitening.npz",
-            "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog.tsv",
-            "--metrics", tmp_path / "metrics.json", "--plots-dir", tmp_path / "plots"]
+            "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog",
+            "--report", tmp_path / "report.json", "--metrics", tmp_path / "metrics.json", "--proxy-report", "",
+            "--plots-dir", tmp_path / "plots"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    retrieval = artifacts.load_json(tmp_path / "metrics.json")["retrieval"]
+    retrieval = artifacts.load_json(tmp_path / "report.json")["retrieval"]
+    headline = artifacts.load_json(tmp_path / "metrics.json")["retrieval_map"]
+    assert headline == {version: {protocol: retrieval[version][protocol]["map"] for protocol in ("easy", "medium", "hard")}
+                        for version in ("initial", "finetuned")}
     assert retrieval["protocols"] == ["easy", "medium", "hard"]
     rankings = metrics.rank_database(features["query"], features["database"])
     easy, hard, junk = [[0], [1], [5]], [[3], [], [2]], [[6], [4], []]
@@ -399,9 +422,9 @@ def test_hdml_runs_record_their_supervision_and_are_deterministic(workspace, tmp
         assert result.exit_code == 0, result.output
     a, b = tmp_path / "a", tmp_path / "b"
     assert (a / "model.pt").read_bytes() == (b / "model.pt").read_bytes()
-    assert (a / "log.tsv").read_text() == (b / "log.tsv").read_text()
-    header = (a / "log.tsv").read_text().splitlines()[0].split("\t")
-    assert {"j_avg", "synthetic_weight", "j_syn", "j_recon", "j_soft", "j_gen", "j_ce"} <= set(header)
+    assert read_training_log(a / "live") == read_training_log(b / "live")
+    logged = set(read_training_log(a / "live")[-1])
+    assert {"j_avg", "synthetic_weight", "j_syn", "j_recon", "j_soft", "j_gen", "j_ce"} <= logged
     summary = artifacts.load_json(a / "summary.json")
     assert (summary["supervision"], summary["labels_used"], summary["synthesis"], summary["pseudo_labels"]) == (
         "kmeans", False, "hdml", 3)

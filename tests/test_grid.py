@@ -1,8 +1,9 @@
 """The Table 1 grid, its own pipeline ablations/dvc.yaml: the cells DVC renders
 from the root params.yaml (rows x seeds), the options each cell's commands end up
-with, that a bare ``dvc repro`` at the root leaves the grid alone while the grid
-reuses the root stages' outputs, and that a new seed runs only the new cells
-(real ``dvc repro ablations/dvc.yaml`` of one row on tiny data)."""
+with, that the main pipeline's DVC commands do not see the grid (.dvcignore) while
+the grid, shown by scripts/with_grid.sh, reuses the root stages' outputs, that a
+key every row overrides is in no cell's command, and that a new seed runs only the
+new cells (real ``dvc repro ablations/dvc.yaml`` of one row on tiny data)."""
 import shlex
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from mom import artifacts
 from stages import evaluate, finetune, mine, proxy_retrieval, whiten
-from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, make_project
+from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, dvc_grid, dvc_run, make_project
 
 GRID_FILE = "ablations/dvc.yaml"
 GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "grid_proxy")
@@ -19,7 +20,7 @@ MAIN_STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 # The root stages whose outputs the grid reads (built or skipped as root stages).
 UPSTREAM = ("prepare", "extract", "graph", "anchors", "diffuse")
 # The report's "untrained start" row comes from the main pipeline's evaluate report.
-START_ROW_UPSTREAM = ("mine", "finetune", "whiten", "evaluate")
+START_ROW_UPSTREAM = ("mine", "finetune", "whiten", "proxy_retrieval", "evaluate")
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 ROWS = PARAMS["grid"]["rows"]
 SEEDS = PARAMS["grid"]["seeds"]
@@ -49,7 +50,7 @@ def ran_stages(output: str) -> list[str]:
 def rendered_commands(project, *targets: str) -> dict[str, list[str]]:
     """Stage name -> argv, as ``dvc repro --dry --force [targets]`` renders them (runs nothing)."""
     commands, stage = {}, None
-    for line in dvc(project, "repro", "--dry", "--force", *targets).splitlines():
+    for line in dvc_grid(project, "repro", "--dry", "--force", *targets).splitlines():
         if line.startswith("Running stage '"):
             stage = stage_name(line.split("'")[1])
         elif line.startswith("> ") and stage:
@@ -96,7 +97,7 @@ def test_the_anchor_axis_compares_stationary_and_random_anchors_of_one_size_on_o
 
 def test_stage_list_shows_rows_times_seeds_cells_per_grid_stage(tmp_path):
     project = make_project(tmp_path)
-    listed = dict(line.split(None, 1) for line in dvc(project, "stage", "list", GRID_FILE).splitlines()
+    listed = dict(line.split(None, 1) for line in dvc_grid(project, "stage", "list", GRID_FILE).splitlines()
                   if line.strip())
     listed = {stage_name(name): description for name, description in listed.items()}
     for stage in GRID_STAGES:
@@ -116,6 +117,12 @@ def test_bare_repro_runs_the_main_pipeline_only_and_the_grid_reuses_its_outputs(
     listed = [line.split()[0] for line in dvc(project, "stage", "list").splitlines() if line.strip()]
     assert listed == list(MAIN_STAGES)
     assert sorted(rendered_commands(project)) == sorted(MAIN_STAGES)
+    # the main pipeline's commands do not see the grid; with_grid.sh shows it for one command only
+    status = dvc(project, "status")
+    assert "grid" not in status and all(f"{stage}:" in status for stage in MAIN_STAGES), status
+    assert "grid_mine@row0-0" in dvc_grid(project, "status", GRID_FILE)
+    assert not (project / "ablations" / ".dvcignore").exists()
+    assert "grid" not in dvc(project, "status")
     # the grid's upstream are the root stages themselves (no prefix), and only those it reads
     grid_run = rendered_commands(project, GRID_FILE)
     assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *START_ROW_UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES,
@@ -152,11 +159,12 @@ def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
             evaluated = parsed(evaluate.main, commands[f"grid_evaluate@row{r}-{seed}"])
             assert str(evaluated["model_path"]) == f"{folder}/finetune/model.pt"
             assert str(evaluated["whitening_path"]) == f"{folder}/whiten/whitening.npz"
-            assert str(evaluated["metrics_path"]) == f"metrics/grid/{cell}.json"
+            assert str(evaluated["report_path"]) == f"metrics/grid/{cell}.json"
+            assert (evaluated["metrics_path"], evaluated["proxy_path"]) == ("", ""), "no headline per cell"
             proxied = parsed(proxy_retrieval.main, commands[f"grid_proxy@row{r}-{seed}"])
             assert (proxied["model_path"], proxied["whitening_path"]) == (f"{folder}/finetune/model.pt",
                                                                           f"{folder}/whiten/whitening.npz")
-            assert str(proxied["metrics_path"]) == f"metrics/grid_proxy/{cell}.json"
+            assert str(proxied["report_path"]) == f"metrics/grid_proxy/{cell}.json"
     assert len(folders) == len(ROWS) * len(SEEDS)
     # every other option comes from the stage's own section, as in the main pipeline
     sections = yaml.safe_load((project / "params.yaml").read_text())
@@ -166,6 +174,33 @@ def test_each_cell_runs_its_variant_and_seed_into_its_own_folder(tmp_path):
     assert parsed(mine.main, commands["grid_mine@row0-0"])["k_neg"] == sections["mine"]["k_neg"]
 
 
+def overridden_by_every(overrides: list[dict]) -> set[str]:
+    return set.intersection(*(set(override) for override in overrides))
+
+
+# The options a grid stage passes one by one (not as the whole `${section}`): the section,
+# and the override dicts of its cells (grid rows' or anchor sets'); each cell also sets `seed` itself
+# where the grid has seeds.
+ONE_BY_ONE = {"grid_mine": ("mine", [row["mine"] for row in ROWS], {"seed"}),
+              "grid_anchors": ("anchors", list(ANCHOR_SETS.values()), set())}
+
+
+@pytest.mark.parametrize("stage", sorted(ONE_BY_ONE))
+def test_grid_cells_pass_every_key_their_cells_do_not_all_override(stage):
+    """A grid stage that lists its section's options one by one lists every key
+    except those that every cell overrides (which must not be in its command:
+    changing them would make every cell stale for nothing)."""
+    section, overrides, set_by_grid = ONE_BY_ONE[stage]
+    grid = yaml.safe_load((ROOT / GRID_FILE).read_text())["stages"][stage]
+    body = grid.get("do", grid)
+    tracked = {entry.removeprefix(f"{section}.") for entry in body["params"]}
+    expected = set(PARAMS[section]) - overridden_by_every(overrides) - set_by_grid
+    assert tracked == expected, f"{GRID_FILE} {stage}: params should be {section}.{sorted(expected)}"
+    for key in expected:
+        assert f"--{key} ${{{section}.{key}}}" in body["cmd"], f"{stage}: pass --{key} ${{{section}.{key}}}"
+    assert f"${{{section}}}" not in body["cmd"], f"{stage}: the whole section would carry the overridden keys"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
 def test_a_new_seed_runs_only_the_new_cells(tmp_path):
@@ -173,7 +208,7 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     first = ROWS[0]["name"]
     set_params(project, grid={"rows": ROWS[:1], "seeds": [0], "anchor_sets": {"random": {"strategy": "random", "count": 5}}},
                pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
-    ran = ran_stages(dvc(project, "repro", GRID_FILE))
+    ran = ran_stages(dvc_grid(project, "repro", GRID_FILE))
     assert sorted(ran) == sorted([*UPSTREAM, *START_ROW_UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
                                   *(f"{stage}@row0-0" for stage in GRID_STAGES), "report", "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
@@ -184,13 +219,22 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     assert 0 <= cell["new_images"]["finetuned"]["recall_at_1"] <= 1
     assert 0 <= cell["new_classes"]["finetuned"]["recall_at_1"] <= 1
 
-    # the cells' params are sections of the root params.yaml, and their metrics are the project's
+    # the cells' params are keys of the root params.yaml; the grid's metric is Table 1, not the cells
     lock = yaml.safe_load((project / "ablations" / "dvc.lock").read_text())["stages"]
     assert set(lock["grid_mine@row0-0"]["params"]) == {"params.yaml"}
-    assert "mine" in lock["grid_mine@row0-0"]["params"]["params.yaml"]
-    assert f"metrics/grid/{first}_seed-0.json" in dvc(project, "metrics", "show")
+    assert "mine.k_neg" in lock["grid_mine@row0-0"]["params"]["params.yaml"]
+    shown = dvc_run(project, "metrics", "show", grid=True)
+    assert "reports/table1.json" in shown.stdout and "metrics/grid/" not in shown.stdout
+    assert "failed" not in shown.stderr.lower(), shown.stderr
+
+    # a key every row overrides (and the seeds the grid sets) is in no cell's command: the grid stays up to date
+    before = (project / "params.yaml").read_text()
+    set_params(project, mine={"positives": "euclidean", "negatives": "random", "seed": 5},
+               anchors={"strategy": "random", "count": 7})
+    assert "up to date" in dvc_grid(project, "status", GRID_FILE)
+    (project / "params.yaml").write_text(before)
 
     set_params(project, grid={"seeds": [0, 7]})
-    ran = ran_stages(dvc(project, "repro", GRID_FILE))
+    ran = ran_stages(dvc_grid(project, "repro", GRID_FILE))
     assert sorted(ran) == sorted([*(f"{stage}@row0-7" for stage in GRID_STAGES), "report"]), ran
     assert f"| {first} | 2 |" in (project / "reports" / "table1.md").read_text()

@@ -212,7 +212,6 @@ CASES = [
 ]
 # params.yaml entries that are no stage's option, with the reason.
 NOT_OPTIONS = {
-    "base.seed": "read by no stage (each stage has its own seed)",
     "grid.seeds": "DVC matrix of the Table 1 grid stages in ablations/dvc.yaml (checked by stages/report.py)",
     "grid.rows": "DVC matrix of the Table 1 grid stages in ablations/dvc.yaml (checked by stages/report.py)",
     "grid.anchor_sets": "DVC foreach of grid_anchors/grid_diffuse in ablations/dvc.yaml (options checked by stages/anchors.py)",
@@ -289,10 +288,11 @@ def inputs_args(stage: str, root: Path, out: Path) -> list:
         "whiten": ["--model", model, "--train", root / "prepared/train",
                    "--manifold-knn", root / "diffuse/manifold_knn.parquet", "--out-dir", out / "whiten"],
         "evaluate": ["--model", model, "--start", "", "--whitening", whitening_file, "--prepared", root / "prepared",
-                     "--features", out / "no-features", "--finetune-log", out / "no-log.tsv",
-                     "--metrics", out / "metrics/evaluate.json", "--plots-dir", out / "plots"],
+                     "--features", out / "no-features", "--finetune-log", out / "no-log",
+                     "--report", out / "reports/evaluate.json", "--metrics", out / "metrics/evaluate.json",
+                     "--proxy-report", "", "--plots-dir", out / "plots"],
         "proxy_retrieval": ["--prepared", root / "prepared", "--model", model, "--whitening", whitening_file,
-                            "--metrics", out / "metrics/proxy.json"],
+                            "--report", out / "reports/proxy.json", "--plots-dir", out / "plots"],
         "pool_figure": ["--grid-dir", out / "grid", "--train", root / "prepared/train", "--out", out / "pools.png"],
         "index": ["--prepared", root / "prepared", "--features", out / "no-features", "--model", model,
                   "--whitening", whitening_file, "--out-dir", out / "index"],

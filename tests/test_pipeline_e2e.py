@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mom import artifacts, networks
+from mom.training_log import read_training_log
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -43,6 +44,8 @@ def project(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     (tmp_path / "ablations").mkdir()
     shutil.copy(ROOT / "ablations" / "dvc.yaml", tmp_path / "ablations" / "dvc.yaml")
+    for name in (".dvcignore", ".gitignore"):  # the grid hidden from the main pipeline; checkpoints out of git
+        shutil.copy(ROOT / name, tmp_path / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in SMALL.items():
         if section in params:  # stages that are not wired yet are skipped
@@ -65,21 +68,26 @@ def test_dvc_repro_runs_every_stage_end_to_end(project):
     grid = yaml.safe_load((project / "ablations" / "dvc.yaml").read_text())["stages"]
     assert not set(grid) & set(stages) and not (project / "data" / "grid").exists()
 
-    report = artifacts.load_json(project / "metrics" / "evaluate.json")
+    report = artifacts.load_json(project / "reports" / "evaluate.json")
+    headline = artifacts.load_json(project / "metrics" / "evaluate.json")
     for split, items in (("new_images", 100), ("new_classes", 200)):
         assert report[split]["items"] == items and report[split]["classes"] == 5
         for version in ("initial", "start", "finetuned"):
             assert set(report[split][version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
             assert 0.2 <= report[split][version]["recall_at_1"] <= 1.0
+        assert set(headline[split]) == {"initial", "finetuned"}
+        assert headline[split]["finetuned"] == {key: report[split]["finetuned"][key]
+                                                for key in ("recall_at_1", "recall_at_8", "nmi")}
+    assert set(headline["proxy_map"]) == {"new_images", "new_classes"}
     assert report["whitening"]["method"] == "pca"
     net, extra = networks.load_checkpoint(project / "data" / "finetune" / "model.pt")
     assert net.dim == 1280 and net.head is None and extra["embedding"]["scales"] == [64]  # no head: the default
-    log = (project / "data" / "finetune" / "log.tsv").read_text().splitlines()
-    assert len(log) == 2 and log[0].startswith("epoch\t")
+    log = read_training_log(project / "data" / "finetune" / "live")
+    assert [row["epoch"] for row in log] == [0, 1]
     for figure in ("recall_at_k.png", "training.png"):
         assert (project / "plots" / figure).stat().st_size > 0
     assert not list((project / "checkpoints" / "finetune").glob("*.pt"))
 
     shown = dvc(project, "metrics", "show")
-    assert "finetuned.recall_at_1" in shown or "recall_at_1" in shown
+    assert "new_classes.finetuned.recall_at_1" in shown and "val_recall_at_1" in shown
     assert "Running stage" not in dvc(project, "repro"), "a second repro has nothing to do"

@@ -156,13 +156,14 @@ def workspace(tmp_path_factory):
 
 
 def run_stage(root, *extra):
-    args = ["--prepared", str(root), "--objects", "6", "--scales", "32", "--batch_size", "16", *extra]
+    args = ["--prepared", str(root), "--objects", "6", "--scales", "32", "--batch_size", "16",
+            "--plots-dir", str(root / "plots"), *extra]
     return CliRunner().invoke(stage.main, args, catch_exceptions=False)
 
 
 def test_stage_without_a_model(workspace):
     out = workspace / "plain.json"
-    result = run_stage(workspace, "--model", "", "--whitening", "", "--metrics", str(out))
+    result = run_stage(workspace, "--model", "", "--whitening", "", "--report", str(out))
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert "PROXY" in metrics["note"] and "not Oxford/Paris" in metrics["note"]
@@ -183,7 +184,7 @@ def test_stage_without_a_model(workspace):
         (alone / "new_images").symlink_to(workspace / "new_images")
     result = CliRunner().invoke(stage.main, ["--prepared", str(alone), "--objects", "6", "--scales", "32",
                                              "--batch_size", "16", "--model", "", "--whitening", "",
-                                             "--metrics", str(alone / "m.json")])
+                                             "--plots-dir", "", "--report", str(alone / "m.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((alone / "m.json").read_text())["new_images"] == metrics["new_images"]
     assert "new_classes" not in json.loads((alone / "m.json").read_text())
@@ -194,10 +195,14 @@ def test_stage_with_model_and_whitening_is_deterministic(workspace):
     for path in paths:
         result = run_stage(workspace, "--model", str(workspace / "model.pt"), "--whitening",
                            str(workspace / "whitening.npz"), "--levels", "mild", "--no-raw_pixels",
-                           "--metrics", str(path))
+                           "--report", str(path))
         assert result.exit_code == 0, result.output
     assert paths[0].read_bytes() == paths[1].read_bytes()
     metrics = json.loads(paths[0].read_text())
+    for split in ("new_images", "new_classes"):  # the plot data: one bar per level and descriptor
+        bars = json.loads((workspace / "plots" / "proxy_map" / f"{split}.json").read_text())["proxy_map"]
+        assert bars == [{"bar": f"mild: {name}", "map": entry["map"]}
+                        for name, entry in metrics[split]["levels"]["mild"].items()]
     rows = metrics["new_classes"]["levels"]["mild"]
     assert set(rows) == {"initial", "finetuned", "finetuned_whitened"}
     assert rows["finetuned"] == rows["initial"] == rows["finetuned_whitened"]
@@ -210,14 +215,14 @@ def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
     (prepared / "report.json").write_text("{}")
     out = workspace / "skipped.json"
     result = CliRunner().invoke(stage.main, ["--prepared", str(prepared), "--model", "", "--whitening", "",
-                                             "--metrics", str(out)])
+                                             "--report", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert "PROXY" in metrics["note"] and "no evaluation split" in metrics["skipped"]
     assert "new_images" not in metrics and "new_classes" not in metrics
     # Without prepare's report the folder is not prepare's output: an error, not a skip.
     result = CliRunner().invoke(stage.main, ["--prepared", str(workspace / "nowhere"), "--model", "",
-                                             "--whitening", "", "--metrics", str(out)])
+                                             "--whitening", "", "--report", str(out)])
     assert result.exit_code == 2 and "file not found" in result.output
 
 
@@ -232,7 +237,7 @@ def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
 ])
 def test_stage_rejects_bad_options_in_one_line(workspace, extra, message):
     result = CliRunner().invoke(stage.main, ["--prepared", str(workspace), "--model", "", "--whitening", "",
-                                             "--metrics", str(workspace / "never.json"), *extra])
+                                             "--report", str(workspace / "never.json"), *extra])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("proxy_retrieval: error: ") and message in lines[0]

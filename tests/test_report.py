@@ -186,3 +186,24 @@ def test_retrieval_map_columns_and_purity_of_the_written_variants():
     unlabelled = {"written": {"positives": "manifold", "negatives": "manifold"},
                   "manifold_positives": {"purity": None}, "manifold_negatives": {"purity": None}}
     assert pool_purities(unlabelled) == {}
+
+
+def test_headline_keeps_only_what_a_user_compares():
+    from mom.report import headline
+
+    report = evaluation(finetuned_values(1, 0))
+    report["new_classes"]["start"] = {"recall_at_1": 0.1, "nmi": 0.1}
+    report["new_classes"]["finetuned"]["recall_at_8"] = 0.95
+    report["new_classes"]["initial"]["recall_at_8"] = 0.85
+    report["retrieval"] = {"queries": 3, "initial": {"easy": {"map": 0.4, "mp_at_1": 0.5}},
+                           "finetuned": {"easy": {"map": 0.6, "mp_at_1": 0.7}}}
+    result = headline(report, proxy(1, 2))
+    assert result["new_classes"] == {
+        "initial": {"recall_at_1": INITIAL["recall_at_1"], "recall_at_8": 0.85, "nmi": INITIAL["nmi"]},
+        "finetuned": {"recall_at_1": report["new_classes"]["finetuned"]["recall_at_1"], "recall_at_8": 0.95,
+                      "nmi": report["new_classes"]["finetuned"]["nmi"]}}, "R@1, the largest K, NMI; no start"
+    assert set(result["new_images"]["finetuned"]) == {"recall_at_1", "nmi"}, "no K above 1 in that report"
+    assert result["retrieval_map"] == {"initial": {"easy": 0.4}, "finetuned": {"easy": 0.6}}
+    assert result["proxy_map"] == {"new_classes": {"strong": {"initial": 0.2, "finetuned": 0.3 + 0.1 + 0.02}}}, \
+        "the whitened fine-tuned descriptors; no raw pixels"
+    assert "proxy_map" not in headline(report)

@@ -4,6 +4,7 @@ subprocesses (no network, kill-and-rerun). Same approach as
 tests/test_pipeline_e2e.py, smaller: 70 Fashion-MNIST training images."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -34,23 +35,35 @@ MINING_STAGES = ("prepare", "extract", "graph", "anchors", "diffuse", "mine")
 PIPELINES = ("dvc.yaml", "ablations/dvc.yaml")
 
 
+# Files of the project's DVC set-up: the grid hidden from the main pipeline (.dvcignore)
+# and the script that shows it for one command; .gitignore keeps checkpoints out of git.
+PROJECT_FILES = (".dvcignore", ".gitignore", "scripts/with_grid.sh")
+
+
 def make_project(folder: Path) -> Path:
-    """Copy mom/, stages/, the pipelines (dvc.yaml, ablations/dvc.yaml) and tiny
-    params into ``folder`` (a git + DVC project)."""
+    """Copy mom/, stages/, the pipelines (dvc.yaml, ablations/dvc.yaml), the
+    project's DVC set-up and tiny params into ``folder`` (a git + DVC project)."""
     for name in ("mom", "stages"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for pipeline in PIPELINES:
-        (folder / pipeline).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / pipeline, folder / pipeline)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        if section in params:
-            params[section].update(values)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for relative in (*PIPELINES, *PROJECT_FILES):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / relative, folder / relative)
+    write_tiny_params(folder / "params.yaml")
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
-    dvc(folder, "init", "-q")
+    dvc(folder, "init", "-q")  # keeps the copied .dvcignore
     shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")
     return folder
+
+
+def write_tiny_params(path: Path) -> None:
+    """params.yaml with the TINY values, set the way `dvc exp run -S` sets them
+    (the file keeps the real one's form: block lists, comments)."""
+    from dvc.utils.hydra import apply_overrides
+
+    shutil.copy(ROOT / "params.yaml", path)
+    sections = yaml.safe_load(path.read_text())
+    apply_overrides(str(path), [f"{section}.{key}={json.dumps(value)}" for section, values in TINY.items()
+                                if section in sections for key, value in values.items()])
 
 
 def environment(project: Path, **extra: str) -> dict:
@@ -62,10 +75,23 @@ def environment(project: Path, **extra: str) -> dict:
 
 
 def dvc(project: Path, *args: str, env: dict | None = None) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env or environment(project),
-                            capture_output=True, text=True)
+    return dvc_run(project, *args, env=env).stdout
+
+
+def dvc_run(project: Path, *args: str, env: dict | None = None, grid: bool = False) -> subprocess.CompletedProcess:
+    """``dvc args`` in ``project`` (stdout and stderr); ``grid``: with the Table 1
+    grid visible, through scripts/with_grid.sh as scripts/repro.sh runs it."""
+    command = [sys.executable, "-m", "dvc", *args]
+    if grid:
+        command = ["bash", "scripts/with_grid.sh", *command]
+    result = subprocess.run(command, cwd=project, env=env or environment(project), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout
+    return result
+
+
+def dvc_grid(project: Path, *args: str) -> str:
+    """``dvc args`` with the Table 1 grid (ablations/dvc.yaml) visible."""
+    return dvc_run(project, *args, grid=True).stdout
 
 
 # The default pipeline: these stages and everything upstream of them (the
@@ -123,3 +149,19 @@ def run_stage(project: Path, argv: list[str], env: dict | None = None) -> subpro
     result = subprocess.run(argv, cwd=project, env=env or environment(project), capture_output=True, text=True)
     assert result.returncode == 0, f"{argv[:3]} failed:\n{result.stderr[-4000:]}"
     return result
+
+
+# What to commit after a run (README, "Share a run"): DVC's lock, the .gitignore files DVC
+# writes beside its outputs and the small cache: false outputs (metrics, plot data, reports).
+RUN_FILES = ("dvc.lock", "data", "metrics", "plots", "reports")
+
+
+def git(folder: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args]
+    return subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True).stdout
+
+
+def commit_run(project: Path, message: str) -> None:
+    """``git add`` what the README says to commit after a run, then commit."""
+    git(project, "add", *[path for path in RUN_FILES if (project / path).exists()])
+    git(project, "commit", "-q", "-m", message)
