@@ -233,7 +233,7 @@ class DiffusionResult:
 def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, alpha: float = 0.99,
                         max_iter: int = 20, tol: float = 1e-6, block_size: int = 64,
                         reorder: bool = True, dtype=np.float32, progress=None,
-                        full_fraction: float = 0.5, threads: int = 1) -> DiffusionResult:
+                        full_fraction: float = 0.5, threads: int = 1, fused: bool = False) -> DiffusionResult:
     """``NN_k^m`` of every anchor (eq. (4)): the k nodes with the largest ``f_i*``, anchor excluded.
 
     ``f_i*`` solves eq. (3) by :func:`block_cg` for blocks of ``block_size``
@@ -242,6 +242,8 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
     solution, faster: nearby rows in memory, overlapping neighbourhoods); ids
     are mapped back and rows come out in the given anchor order.
     ``full_fraction`` and ``threads`` are :func:`block_cg`'s (0: always full-length vectors).
+    ``fused`` solves with :func:`mom.cg.fused_block_cg` instead (same recurrences in
+    three compiled passes per iteration; equal to float rounding; needs numba).
     """
     n = adjacency.shape[0]
     if not 0 < alpha < 1:
@@ -249,6 +251,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
     if k < 1 or k >= n:
         raise InputError(f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
     anchors = np.asarray(anchors, dtype=np.int64)
+    solve = fused_solver() if fused else block_cg
     order = locality_order(adjacency) if reorder else np.arange(n)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
@@ -264,7 +267,7 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
         block = position[anchors[rows_out]]
         rhs = np.zeros((n, len(block)), dtype=dtype)
         rhs[block, np.arange(len(block))] = 1 - alpha
-        result = block_cg(system, rhs, max_iter, tol, full_fraction, threads)
+        result = solve(system, rhs, max_iter, tol, full_fraction, threads)
         block_ids, block_sims = support_top_k(result, block, k)
         ids[rows_out] = np.where(block_ids >= 0, order[np.maximum(block_ids, 0)], -1)
         sims[rows_out] = block_sims
@@ -274,6 +277,16 @@ def manifold_neighbours(adjacency: sp.csr_matrix, anchors: np.ndarray, k: int, a
         if progress is not None:
             progress(len(block))
     return DiffusionResult(ids, sims, residual, iterations, _mean_history(history, len(anchors), block_size))
+
+
+def fused_solver():
+    """:func:`mom.cg.fused_block_cg`, or a one-line error where numba is not installed."""
+    try:
+        from mom.cg import fused_block_cg
+    except ImportError as error:
+        raise InputError(f"the fused block CG needs numba ({error}): pip install numba, "
+                         "or raise diffuse.fused_min_items above the number of items") from None
+    return fused_block_cg
 
 
 def support_top_k(result: CGResult, block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,6 +100,9 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True,
               help="threads of the sparse products and dense block updates (0 = all cores)")
+@click.option("--fused_min_items", type=int, default=200_000, show_default=True,
+              help="graphs of at least this many nodes are solved by the fused block CG (numba; 0 = always); "
+                   "same recurrences, equal to float rounding")
 @click.option("--truncate", type=int, default=0, show_default=True,
               help="solve on each anchor's T nearest Euclidean neighbours only (0 = full graph)")
 @click.option("--agreement_sample", type=int, default=100, show_default=True,
@@ -112,13 +115,14 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
               show_default=True)
 @click.option("--out-dir", "out_dir", type=click.Path(file_okay=False), default="data/diffuse", show_default=True)
 @stage_command("diffuse")
-def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate, agreement_sample, features_path,
-         graph_path, anchors_path, out_dir):
+def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min_items, truncate, agreement_sample,
+         features_path, graph_path, anchors_path, out_dir):
     """Diffuse from every anchor and keep its top-k manifold neighbours."""
     require(0 < alpha < 1, f"alpha={alpha}: must be in (0, 1)")
     require(max_iter >= 1, f"max_iter={max_iter}: must be at least 1")
     require(tol >= 0, f"tol={tol}: must be >= 0")
     require(block_size >= 1, f"block_size={block_size}: must be at least 1")
+    require(fused_min_items >= 0, f"fused_min_items={fused_min_items}: must be >= 0")
     adjacency = artifacts.load_csr(graph_path)
     anchors = read_anchors(anchors_path)
     n = adjacency.shape[0]
@@ -129,6 +133,8 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     require(truncate == 0 or k <= truncate, f"k={k}: with truncate={truncate} at most {truncate} neighbours exist")
+    fused = n >= fused_min_items
+    log.info("block CG: %s", "fused (numba)" if fused else "scipy products")
     options = {"alpha": alpha, "max_iter": max_iter, "tol": tol, "k": k, "dtype": dtype, "truncate": truncate}
     with timed(f"diffused from {len(anchors)} anchors"), \
             tqdm(total=len(anchors), desc="diffuse", unit="anchor", leave=False) as bar:
@@ -137,7 +143,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
                                                 k, alpha, max_iter, tol, block_size, reorder, DTYPES[dtype], bar)
         else:
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,
-                                         DTYPES[dtype], progress=bar.update, threads=threads)
+                                         DTYPES[dtype], progress=bar.update, threads=threads, fused=fused)
     report = convergence_report(result, options)
     if truncate:
         report["truncation"] = agreement

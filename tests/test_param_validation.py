@@ -130,6 +130,7 @@ CASES = [
     flag("diffuse.reorder"),
     case("diffuse.dtype", "--dtype", "float16"),
     case("diffuse.threads", "--threads", -1),
+    case("diffuse.fused_min_items", "--fused_min_items", -1),
     case("diffuse.truncate", "--truncate", -1),
     case("diffuse.agreement_sample", "--agreement_sample", -1),
 
