@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: this checkout's mom
 
 import faiss
 import numpy as np
@@ -39,6 +43,7 @@ from mom.diffusion import diffusion_system, locality_order, manifold_neighbours,
 from mom.graph import (SearchSettings, check_features, graph_report, knn_search, neighbours_of, reciprocal_graph,
                        search_recall)
 from mom.pools import euclidean_positives, manifold_negatives, manifold_positives, random_negatives
+from synthetic import synthetic_collection
 
 GIB = 2 ** 30
 
@@ -105,42 +110,6 @@ def step(name: str):
     print(f"   {name}: {RESULTS[name]}", flush=True)
 
 
-def synthetic_collection(path: Path, n: int, dim: int, manifolds: int, intrinsic: int, subspace: int,
-                         noise: float, seed: int, chunk: int = 32768) -> np.memmap:
-    """Deterministic l2-normalized items on noisy smooth manifolds, written to an ``.npy`` file.
-
-    Each manifold is a random ``intrinsic``-dimensional torus: a random centre
-    plus, per intrinsic coordinate u_j, three random harmonics
-    ``a cos(m u_j) + b sin(m u_j)`` (m = 1, 2, 3), all inside one random
-    ``subspace``-dimensional subspace around a common direction (CNN features
-    live in a narrow cone). Items: a random manifold, uniform coordinates,
-    isotropic noise of norm ``noise`` in all ``dim`` dimensions, l2-normalized,
-    in random order (so graph neighbours are scattered in memory).
-    """
-    rng = np.random.default_rng(seed)
-    basis, _ = np.linalg.qr(rng.standard_normal((dim, subspace + 1)))
-    common, basis = basis[:, 0].astype(np.float32), basis[:, 1:].T.astype(np.float32)
-    centres = rng.standard_normal((manifolds, subspace)).astype(np.float32) * (0.5 / np.sqrt(subspace))
-    harmonics = rng.standard_normal((intrinsic, 6, manifolds, subspace)).astype(np.float32) * (
-        0.25 / np.sqrt(subspace))
-    with artifacts.open_npy_for_writing(path, (n, dim), np.float32) as out:
-        for start in range(0, n, chunk):
-            size = min(chunk, n - start)
-            local = np.random.default_rng([seed, start])
-            manifold = local.integers(0, manifolds, size)
-            low = centres[manifold].copy()
-            for axis in range(intrinsic):
-                u = local.uniform(0, 2 * np.pi, size).astype(np.float32)
-                for m in range(3):
-                    low += np.cos((m + 1) * u)[:, None] * harmonics[axis, 2 * m][manifold]
-                    low += np.sin((m + 1) * u)[:, None] * harmonics[axis, 2 * m + 1][manifold]
-            block = common + low @ basis
-            block += local.standard_normal((size, dim), dtype=np.float32) * (noise / np.sqrt(dim))
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
-            out[start:start + size] = block
-    return artifacts.load_npy(path, mmap=True)
-
-
 def scipy_cg_per_anchor(adjacency: sp.csr_matrix, anchors: np.ndarray, alpha: float, iterations: int,
                         reorder: bool) -> float:
     """Seconds per anchor of one ``scipy.sparse.linalg.cg`` call each (x0 = 0, fixed iterations)."""
@@ -200,7 +169,7 @@ def main():
     k_neg = min(args.k_neg, n // 2)
 
     with step("generate"):
-        features = synthetic_collection(work / "features.npy", n, args.dim, max(1, n // args.manifold_items),
+        features, _ = synthetic_collection(work / "features.npy", n, args.dim, max(1, n // args.manifold_items),
                                         args.intrinsic, args.subspace, args.noise, args.seed)
     with step("graph") as info:
         check_features(features)
