@@ -111,13 +111,12 @@ def fused_block_cg(system: sp.csr_matrix, rhs: np.ndarray, max_iter: int, tol: f
     dtype = system.dtype
     system = sp.csr_matrix(system)
     indptr, indices, data = system.indptr, system.indices, system.data
-    x = np.zeros(rhs.shape, dtype=dtype)
-    r = np.array(rhs, dtype=dtype, order="C")
-    p = r.copy()
-    q = np.zeros_like(r)
-    rows = np.flatnonzero(np.any(r != 0, axis=1))
+    # zero blocks are allocated lazily by the OS: rows outside the support are never touched
+    x, r, p, q = (np.zeros(rhs.shape, dtype=dtype) for _ in range(4))
+    rows = np.flatnonzero(np.asarray(rhs).any(axis=1))
+    r[rows] = p[rows] = rhs[rows]
     full = False
-    rs = (r.astype(np.float64) ** 2).sum(axis=0)
+    rs = (r[rows].astype(np.float64) ** 2).sum(axis=0)
     rhs_norm = np.sqrt(rs)
     rhs_norm[rhs_norm == 0] = 1.0
     done = np.sqrt(rs) <= tol * rhs_norm

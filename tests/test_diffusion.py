@@ -85,6 +85,26 @@ def test_top_k_excludes_anchor_and_breaks_ties_by_id():
     np.testing.assert_array_equal(sims, [[3, 3, 1], [2, 1, 0]])
 
 
+@pytest.mark.parametrize("k", [1, 7, 60, 299, 400])
+def test_top_k_equals_a_full_sort(k):
+    """Brute force: per column, all positive entries but the anchor sorted by (-value, row), the first k."""
+    rng = np.random.default_rng(k)
+    values = np.round(rng.normal(size=(300, 9)), 1)  # many ties, negatives
+    values[rng.random(values.shape) < 0.3] = 0  # unreached rows
+    values[:, 8] = 0.5  # one column all tied
+    values = values.astype(np.float32)
+    before = values.copy()
+    exclude = rng.integers(0, 300, 9)
+    ids, sims = top_k_columns(values, exclude, k)
+    np.testing.assert_array_equal(values, before)  # input unchanged
+    for j in range(9):
+        rows = [row for row in range(300) if row != exclude[j] and values[row, j] > 0]
+        expected = sorted(rows, key=lambda row: (-values[row, j], row))[:k]
+        np.testing.assert_array_equal(ids[j, :len(expected)], expected)
+        assert (ids[j, len(expected):] == -1).all() and (sims[j, len(expected):] == 0).all()
+        np.testing.assert_array_equal(sims[j, :len(expected)], values[expected, j])
+
+
 @pytest.mark.parametrize("reorder", [True, False])
 def test_manifold_neighbours_equal_dense_top_k(reorder):
     graph = knn_graph()
