@@ -116,7 +116,7 @@ def headline(evaluation: dict, proxy: dict | None = None) -> dict:
 
 def _fine_grained_headline(section: dict) -> dict[str, float]:
     ks = sorted(int(key[len("recall_at_"):]) for key in section if key.startswith("recall_at_"))
-    keys = [f"recall_at_{k}" for k in dict.fromkeys(ks[:1] + ks[-1:])] + ["nmi"]
+    keys = [f"recall_at_{k}" for k in dict.fromkeys(ks[:1] + ks[-1:])] + ["nmi", "f1"]
     return {key: float(section[key]) for key in keys if key in section}
 
 

@@ -9,7 +9,7 @@ chosen on (labels used here only):
 - ``new_classes``: classes the collection does not contain (the zero-shot
   protocol of CUB-200-2011 in the paper).
 
-Each reports Recall@K and NMI of k-means for the initial features
+Each reports Recall@K, and NMI and pairwise F1 of one k-means clustering, for the initial features
 (``<features>/<split>.npy``), the untrained start of fine-tuning (``--start``:
 the network before its first step, head initialized) and the fine-tuned network
 (``--model``, images embedded at ``scales``, then ``--whitening`` applied).
@@ -19,7 +19,7 @@ ground truth uses (revisited Easy/Medium/Hard, classic, positive), junk ignored.
 
 Writes ``--report`` (JSON: every number, with the settings and counts behind
 them), ``--metrics`` (JSON, the headline DVC metrics: per evaluation Recall@1,
-Recall@<largest K> and NMI of the initial features and the fine-tuned network,
+Recall@<largest K>, NMI and F1 of the initial features and the fine-tuned network,
 mAP per retrieval protocol, and the proxy retrieval mAP per split and level
 read from ``--proxy-report``; :func:`mom.report.headline`) and, in
 ``--plots-dir``, the plot data ``recall_at_k/<split>.json`` (one row per K:
@@ -60,7 +60,9 @@ EMBEDDINGS = {"initial": ("initial features", "o"), "start": ("untrained start",
 def fine_grained_metrics(embeddings: np.ndarray, labels: np.ndarray, ks, seed: int, n_init: int) -> dict:
     recalls = metrics.recall_at_k(embeddings, labels, ks)
     result = {f"recall_at_{k}": value for k, value in recalls.items()}
-    result["nmi"] = metrics.nmi_kmeans(embeddings, labels, len(np.unique(labels)), seed, n_init)
+    clusters = metrics.kmeans_clusters(embeddings, len(np.unique(labels)), seed, n_init)
+    result["nmi"] = metrics.clustering_nmi(labels, clusters)
+    result["f1"] = metrics.clustering_f1(labels, clusters)
     return result
 
 
@@ -239,10 +241,10 @@ def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, opt
     section = {"items": len(store), "classes": classes,
                "kmeans": metrics.kmeans_description(classes, seed, n_init)}
     initial = load_initial(initial_path, len(store))
-    with timed(f"{split}: initial features: Recall@K, NMI"):
+    with timed(f"{split}: initial features: Recall@K, NMI, F1"):
         section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
     for name, (net, mean, projection) in networks_to_score.items():
-        with timed(f"{split}: embedded {len(store)} items with the {EMBEDDINGS[name][0]} network, Recall@K, NMI"):
+        with timed(f"{split}: embedded {len(store)} items with the {EMBEDDINGS[name][0]} network, Recall@K, NMI, F1"):
             section[name] = fine_grained_metrics(embed(net, store, mean, projection, options), labels, ks, seed, n_init)
     for name in EMBEDDINGS:
         if name in section:

@@ -73,11 +73,11 @@ def test_dvc_repro_runs_every_stage_end_to_end(project):
     for split, items in (("new_images", 100), ("new_classes", 200)):
         assert report[split]["items"] == items and report[split]["classes"] == 5
         for version in ("initial", "start", "finetuned"):
-            assert set(report[split][version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+            assert set(report[split][version]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "nmi", "f1"}
             assert 0.2 <= report[split][version]["recall_at_1"] <= 1.0
         assert set(headline[split]) == {"initial", "finetuned"}
         assert headline[split]["finetuned"] == {key: report[split]["finetuned"][key]
-                                                for key in ("recall_at_1", "recall_at_8", "nmi")}
+                                                for key in ("recall_at_1", "recall_at_8", "nmi", "f1")}
     assert set(headline["proxy_map"]) == {"new_images", "new_classes"}
     assert report["whitening"]["method"] == "pca"
     net, extra = networks.load_checkpoint(project / "data" / "finetune" / "model.pt")

@@ -203,6 +203,8 @@ def test_headline_keeps_only_what_a_user_compares():
         "finetuned": {"recall_at_1": report["new_classes"]["finetuned"]["recall_at_1"], "recall_at_8": 0.95,
                       "nmi": report["new_classes"]["finetuned"]["nmi"]}}, "R@1, the largest K, NMI; no start"
     assert set(result["new_images"]["finetuned"]) == {"recall_at_1", "nmi"}, "no K above 1 in that report"
+    report["new_images"]["finetuned"]["f1"] = 0.45
+    assert headline(report)["new_images"]["finetuned"]["f1"] == 0.45, "F1 joins NMI when the report has it"
     assert result["retrieval_map"] == {"initial": {"easy": 0.4}, "finetuned": {"easy": 0.6}}
     assert result["proxy_map"] == {"new_classes": {"strong": {"initial": 0.2, "finetuned": 0.3 + 0.1 + 0.02}}}, \
         "the whitened fine-tuned descriptors; no raw pixels"
