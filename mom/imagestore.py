@@ -72,10 +72,7 @@ class ImageStore:
             if not path.is_file():
                 raise InputError(f"{path}: file not found (run the prepare stage first)")
         manifest = artifacts.load_parquet(manifest_path)
-        try:
-            pixels = np.load(pixels_path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise InputError(f"{pixels_path}: not a readable .npy file ({error})") from None
+        pixels = artifacts.load_npy(pixels_path, mmap=True)
         manifest = _checked_manifest(manifest, pixels, folder)
         return cls(folder, manifest, pixels)
 

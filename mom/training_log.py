@@ -18,6 +18,8 @@ stage leaves no half-written log, and the bytes depend on the history only
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -65,27 +67,42 @@ def write_training_log(folder: str | os.PathLike, history: list[dict], initial_v
 
 def read_training_log(folder: str | os.PathLike) -> list[dict]:
     """One dict per step (``epoch`` = the step, and each logged metric), in
-    step order; ``[]`` when ``folder`` holds no log."""
+    step order; ``[]`` when the folder holds no metric file. A missing folder,
+    an unreadable file, a step logged twice or a non-finite value is one
+    :class:`InputError` line naming the file."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: training log folder not found (run finetune first)")
     rows: dict[int, dict] = {}
     for name in STEP_METRICS:
         path = folder / METRICS_DIR / f"{name}.tsv"
-        if path.is_file():
+        if path.exists():
             for step, value in _read_series(path, name):
                 rows.setdefault(step, {"epoch": step})[name] = value
     return [rows[step] for step in sorted(rows)]
 
 
 def _read_series(path: Path, name: str) -> list[tuple[int, float]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if reader.fieldnames is None or not {"step", name} <= set(reader.fieldnames):
-            raise InputError(f"{path}: not a DVCLive metric file (expected columns step, {name})")
-        series = []
+    try:
+        text = artifacts.require_file(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a DVCLive metric file (not UTF-8 text)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    if reader.fieldnames is None or not {"step", name} <= set(reader.fieldnames):
+        raise InputError(f"{path}: not a DVCLive metric file (expected columns step, {name})")
+    series, seen = [], set()
+    try:
         for line, row in enumerate(reader, start=2):
             try:
                 step, value = int(row["step"]), float(row[name])
             except (TypeError, ValueError):
                 raise InputError(f"{path}: line {line}: step and {name} must be numbers") from None
+            if step < 0 or step in seen or not math.isfinite(value):
+                raise InputError(f"{path}: line {line}: step {step} repeated or negative, or {name} not finite")
+            seen.add(step)
             series.append((step, value))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a DVCLive metric file ({error})") from None
+    if not series:
+        raise InputError(f"{path}: no rows (an interrupted write; rerun finetune)")
     return series

@@ -132,14 +132,15 @@ def save_whitening(path: str | os.PathLike, mean: np.ndarray, projection: np.nda
 
 def load_whitening(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
     """``(mean, projection, method)`` from :func:`save_whitening`'s file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found (run the whiten stage first)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            mean, projection, method = data["mean"], data["projection"], str(data["method"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a whitening file (mean, projection, method): {error}") from None
-    if projection.ndim != 2 or mean.shape != (projection.shape[1],):
+    arrays = artifacts.load_npz(path, ("mean", "projection", "method"))
+    mean, projection, method = arrays["mean"], arrays["projection"], arrays["method"]
+    if method.ndim != 0 or method.dtype.kind != "U":
+        raise InputError(f"{path}: 'method' must be a string, got {method.dtype} {method.shape}")
+    for name, array in (("mean", mean), ("projection", projection)):
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"{path}: '{name}' must be floating point, got {array.dtype}")
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: '{name}' has NaN or inf values (rerun whiten)")
+    if projection.ndim != 2 or projection.shape[0] == 0 or mean.shape != (projection.shape[1],):
         raise InputError(f"{path}: projection {projection.shape} does not fit mean {mean.shape}")
-    return mean, projection, method
+    return mean, projection, str(method)

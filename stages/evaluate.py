@@ -41,9 +41,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
+from mom.artifacts import arrays, reports, tables  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
-from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
+from mom.datasets.retrieval import PROTOCOLS, RELEVANCE_LEVELS, protocol_lists  # noqa: E402
 from mom.imagestore import MANIFEST_NAME, ImageStore  # noqa: E402
 from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
 
@@ -128,10 +129,7 @@ def embed(net, store, mean, projection, options) -> np.ndarray:
 
 
 def load_initial(path: Path, n: int) -> np.ndarray:
-    features = artifacts.load_npy(path)
-    require(features.ndim == 2 and len(features) == n,
-            f"{path}: expected {n} rows (one per item of the split), got shape {features.shape}")
-    return features
+    return arrays.read_features(path, n_items=n, check_finite=True, owner="its split")
 
 
 
@@ -145,7 +143,7 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 @click.option("--prepared", type=click.Path(path_type=Path), default="data/prepared", show_default=True)
 @click.option("--features", "features_dir", type=click.Path(path_type=Path), default="data/features", show_default=True)
 @click.option("--finetune-log", "log_path", type=click.Path(path_type=Path), default="data/finetune/live",
-              show_default=True, help="the fine-tuning log (DVCLive folder) drawn in training.png")
+              show_default=True, help="the fine-tuning log (DVCLive folder) drawn in training.png ('' = none)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default="reports/evaluate.json",
               show_default=True, help="every number, with settings and counts")
 @click.option("--metrics", "metrics_path", default="metrics/evaluate.json", show_default=True,
@@ -170,7 +168,8 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     require(options["precision_ks"] and min(options["precision_ks"]) >= 1,
             f"precision_ks: need positive integers, got {list(options['precision_ks'])}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
-    proxy = artifacts.load_json(proxy_path) if proxy_path else None
+    proxy = reports.read_proxy_report(proxy_path) if proxy_path else None
+    rows = read_training_log(log_path) if str(log_path) not in ("", ".") else []
     net, extra = networks.load_checkpoint(model_path)
     options["scales"], options["aggregation"] = networks.embedding_settings(extra, options["scales"], options["aggregation"])
     mean, projection, method = whitening.load_whitening(whitening_path)
@@ -202,7 +201,6 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
         artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:
         artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
-    rows = read_training_log(log_path)
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")
@@ -252,8 +250,8 @@ def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, opt
 
 
 def evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options) -> dict:
-    table = artifacts.load_parquet(ground_truth)
     queries, database = ImageStore.open(prepared / "query"), ImageStore.open(prepared / "database")
+    table = tables.read_ground_truth(ground_truth, len(queries), len(database), RELEVANCE_LEVELS)
     protocols = protocols_in(table)
     require(protocols, f"{ground_truth}: no relevance level that any protocol counts as positive")
     section = {"queries": len(queries), "database": len(database), "protocols": protocols}
