@@ -237,10 +237,13 @@ def revisited_ground_truth(easy, hard, junk) -> dict[str, tuple[list, list]]:
     }
 
 
-def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
-    """mAP and mP@k for each revisited protocol (Easy / Medium / Hard)."""
+def protocol_evaluation(rankings, protocols: dict[str, tuple[list, list]],
+                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """mAP and mP@k per protocol; ``protocols``: name -> (positives, ignored)
+    per query (e.g. :func:`revisited_ground_truth`, or
+    :func:`mom.datasets.retrieval.protocol_lists` of a ground-truth table)."""
     results = {}
-    for protocol, (positives, ignored) in revisited_ground_truth(easy, hard, junk).items():
+    for protocol, (positives, ignored) in protocols.items():
         average = mean_average_precision(rankings, positives, ignored)
         results[protocol] = {
             "map": average["map"],
@@ -248,6 +251,11 @@ def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 
             "mp_at_k": mean_precision_at_k(rankings, positives, ignored, ks),
         }
     return results
+
+
+def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """mAP and mP@k for each revisited protocol (Easy / Medium / Hard)."""
+    return protocol_evaluation(rankings, revisited_ground_truth(easy, hard, junk), ks)
 
 
 def rank_database(queries: np.ndarray, database: np.ndarray, block: int = 256) -> np.ndarray:

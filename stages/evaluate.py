@@ -66,17 +66,14 @@ def fine_grained_metrics(embeddings: np.ndarray, labels: np.ndarray, ks, seed: i
 
 
 def retrieval_metrics(queries: np.ndarray, database: np.ndarray, table, protocols, precision_ks) -> dict:
-    rankings = metrics.rank_database(queries, database)
-    result = {}
+    ground_truth = {}
     for protocol in protocols:
         lists = protocol_lists(table, len(queries), protocol)
-        positives, junk = [p for p, _ in lists], [j for _, j in lists]
-        average = metrics.mean_average_precision(rankings, positives, junk)
-        entry = {"map": average["map"], "queries": average["n_queries"]}
-        precision = metrics.mean_precision_at_k(rankings, positives, junk, precision_ks)
-        entry.update({f"mp_at_{k}": value for k, value in precision.items()})
-        result[protocol] = entry
-    return result
+        ground_truth[protocol] = ([positives for positives, _ in lists], [junk for _, junk in lists])
+    scores = metrics.protocol_evaluation(metrics.rank_database(queries, database), ground_truth, precision_ks)
+    return {protocol: {"map": entry["map"], "queries": entry["n_queries"],
+                       **{f"mp_at_{k}": value for k, value in entry["mp_at_k"].items()}}
+            for protocol, entry in scores.items()}
 
 
 def protocols_in(table) -> list[str]:

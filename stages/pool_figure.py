@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 import matplotlib.pyplot as plt
-import numpy as np
 
 from mom import artifacts
 from mom.artifacts import tables
