@@ -1,4 +1,4 @@
-"""Positive and negative pools of every anchor (method.md section 5, eqs. (5)-(6)).
+"""Positive and negative pools of every anchor (docs/method.md section 5, eqs. (5)-(6)).
 
 Neighbour lists come in as (anchors, m) id arrays, self excluded, sorted by
 descending similarity (ties: smaller id first), padded with -1 where fewer

@@ -1,4 +1,4 @@
-"""Whitening of descriptors (method.md section 7).
+"""Whitening of descriptors (docs/method.md section 7).
 
 A whitening is a pair ``(mean (d,), projection (d_out, d))`` applied as
 ``y <- l2normalize(projection @ (y - mean))``. Rows of ``projection`` are
@@ -102,7 +102,7 @@ def learn_lw_whitening(
 
 
 def apply_whitening(X: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """``l2normalize(P (x - mean))`` for every row x of X (method.md section 7)."""
+    """``l2normalize(P (x - mean))`` for every row x of X (docs/method.md section 7)."""
     whitened = (np.asarray(X, dtype=np.float32) - mean) @ np.asarray(projection, dtype=np.float32).T
     norms = np.linalg.norm(whitened, axis=1, keepdims=True)
     return (whitened / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Stage ``anchors``: the anchors of the training collection (method.md section 3).
+"""Stage ``anchors``: the anchors of the training collection (docs/method.md section 3).
 
 Reads ``--graph`` (``adjacency.npz`` of the graph stage). Writes
 ``<out-dir>/anchors.parquet``: ``item int64, probability float64 (stationary

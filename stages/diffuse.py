@@ -1,4 +1,4 @@
-"""Stage ``diffuse``: manifold neighbours of every anchor (method.md section 4).
+"""Stage ``diffuse``: manifold neighbours of every anchor (docs/method.md section 4).
 
 Reads ``--graph`` (``adjacency.npz``) and ``--anchors`` (``anchors.parquet``).
 Writes to ``--out-dir``: ``manifold_knn.parquet`` (``anchor, neighbour int64,

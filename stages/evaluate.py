@@ -1,5 +1,5 @@
 """Stage ``evaluate``: the initial features and the fine-tuned network, side by side
-(method.md section 8).
+(docs/method.md section 8).
 
 Two evaluations of the embedding, each on a held-out split that nothing was
 chosen on (labels used here only):

@@ -1,4 +1,4 @@
-"""Stage ``extract``: initial descriptors of every split with a pretrained CNN (method.md section 1).
+"""Stage ``extract``: initial descriptors of every split with a pretrained CNN (docs/method.md section 1).
 
 Reads the image stores ``prepare`` wrote in ``<prepared>`` (``train``, ``val``,
 ``new_images``, ``new_classes``, ``query``, ``database``) and writes

@@ -1,4 +1,4 @@
-"""Stage ``finetune``: metric learning from the mined pools (method.md section 6).
+"""Stage ``finetune``: metric learning from the mined pools (docs/method.md section 6).
 
 Reads the training images (``--train``), the pools of the ``mine`` stage
 (``--pools``) and the anchors (``--anchors``); optionally the validation split
@@ -30,7 +30,7 @@ alone writes the checkpoint and the outputs.
 there, ``model.pt`` holds CPU tensors (it loads on a CPU-only machine). That
 path was never run in this project (no GPU in its CI); ``cpu`` is the tested one.
 
-HDML (method.md section 10): ``--synthesis hdml`` adds hardness-aware synthetic
+HDML (docs/method.md section 10): ``--synthesis hdml`` adds hardness-aware synthetic
 negatives to the training (generator and softmax state in the checkpoint).
 ``--supervision`` says where the tuples' classes come from: ``none`` (MoM's
 mined pools, no labels; HDML's ``J_soft`` off), ``kmeans`` (mined pools; HDML's
@@ -157,7 +157,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda[:N] (under torchrun with cuda: each process its LOCAL_RANK's GPU).")
 @click.option("--synthesis", default="none", show_default=True,
-              help="none | hdml (hardness-aware synthetic negatives, method.md section 10)")
+              help="none | hdml (hardness-aware synthetic negatives, docs/method.md section 10)")
 @click.option("--hdml_alpha", type=float, default=7.0, show_default=True, help="HDML pulling factor alpha.")
 @click.option("--hdml_beta", type=float, default=5e3, show_default=True, help="HDML synthetic weight scale beta.")
 @click.option("--hdml_lambda", type=float, default=0.5, show_default=True, help="Weight of J_soft in J_gen.")

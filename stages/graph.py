@@ -1,4 +1,4 @@
-"""Stage ``graph``: the reciprocal kNN graph of the training features (method.md section 2).
+"""Stage ``graph``: the reciprocal kNN graph of the training features (docs/method.md section 2).
 
 Reads ``--features`` (``float32 (n, d)``, l2-normalized). Writes to ``--out-dir``:
 ``adjacency.npz`` (scipy CSR, symmetric, zero diagonal, ``a_ij = [y_i.y_j]_+^gamma``

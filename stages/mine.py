@@ -1,4 +1,4 @@
-"""Stage ``mine``: positive and negative pools of every anchor (method.md section 5).
+"""Stage ``mine``: positive and negative pools of every anchor (docs/method.md section 5).
 
 Reads ``--features`` (for the anchors' exact Euclidean neighbours, up to
 ``k_neg``), ``--anchors``, ``--manifold`` (``manifold_knn.parquet`` of diffuse,

@@ -1,4 +1,4 @@
-"""Stage ``pool_figure``: the paper's qualitative figure of the pools (method.md section 5).
+"""Stage ``pool_figure``: the paper's qualitative figure of the pools (docs/method.md section 5).
 
 Reads the train split's images (``--train``, labels for the borders only) and
 the pools of two cells of the Table 1 grid: ``ours`` (a manifold variant: P+ /

@@ -1,4 +1,4 @@
-"""Stage ``report``: the paper's Table 1 from the grid's cells (method.md section 9).
+"""Stage ``report``: the paper's Table 1 from the grid's cells (docs/method.md section 9).
 
 The cells are those the ``grid`` section of ``--params`` lists (``rows`` x
 ``seeds``), never the files found on disk: a stale cell left in

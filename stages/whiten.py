@@ -1,4 +1,4 @@
-"""Stage ``whiten``: learn a whitening of the fine-tuned descriptors (method.md section 7).
+"""Stage ``whiten``: learn a whitening of the fine-tuned descriptors (docs/method.md section 7).
 
 Embeds the ``train`` split with the fine-tuned network (``--model``) and learns
 ``pca`` (PCA whitening, no pairs) or ``lw`` (learned whitening from matching

@@ -273,6 +273,7 @@ def artifact_inputs(stages: dict) -> dict[str, list[str]]:
 class StageServer:
     def __init__(self, project: Path, module: str, scratch: Path):
         self.scratch = scratch
+        self.module = module
         self.count = 0
         self.process = subprocess.Popen([sys.executable, str(tiny.ROOT / "tests" / "stage_server.py"), module],
                                         cwd=project, env=tiny.environment(project), stdin=subprocess.PIPE,
@@ -280,7 +281,7 @@ class StageServer:
 
     def run(self, args: list[str], trace: bool = False) -> tuple[int, str, Path]:
         self.count += 1
-        prefix = self.scratch / f"run-{self.count}"
+        prefix = self.scratch / f"{self.module}-{self.count}"
         self.process.stdin.write(json.dumps({"args": args, "prefix": str(prefix), "trace": trace}) + "\n")
         self.process.stdin.flush()
         rc = json.loads(self.process.stdout.readline())["rc"]
@@ -375,8 +376,8 @@ def test_every_stage_refuses_every_corrupt_input(tmp_path, capsys):
                     continue
                 pairs += 1
                 for files in groups.values():
-                    failures += fuzz_files(project, server, stage, argv, dep, files, outputs, tmp_path / "stray")
-                    cases += sum(1 for _ in corruptions_for(files))
+                    problems, runs = fuzz_files(project, server, stage, argv, dep, files, outputs, tmp_path / "stray")
+                    failures, cases = failures + problems, cases + runs
         finally:
             server.close()
             stash(tmp_path / "outputs" / stage, outputs, project)
@@ -386,11 +387,12 @@ def test_every_stage_refuses_every_corrupt_input(tmp_path, capsys):
     assert pairs == sum(len(deps) for deps in inputs.values()) and not failures, "\n".join(failures)
 
 
-def fuzz_files(project, server, stage, argv, dep, files, outputs, stray) -> list[str]:
-    """Run the stage once per corruption of ``files`` (all at once); the problems found."""
+def fuzz_files(project, server, stage, argv, dep, files, outputs, stray) -> tuple[list[str], int]:
+    """Run the stage once per corruption of ``files`` (all at once): the problems found, the runs."""
     originals = {path: path.read_bytes() for path in files}
-    problems = []
+    problems, runs = [], 0
     for name, contents in corruptions_for(files):
+        runs += 1
         for path, content in contents.items():
             if content is None:
                 path.unlink()
@@ -405,7 +407,7 @@ def fuzz_files(project, server, stage, argv, dep, files, outputs, stray) -> list
         if problem:
             problems.append(f"{stage} {files[0].relative_to(project)} ({name}): {problem}")
         stash(project, outputs, stray / f"{stage}-{server.count}")
-    return problems
+    return problems, runs
 
 
 def judge(stage: str, dep: str, rc: int, stderr: str, written: list[str]) -> str | None:
