@@ -45,7 +45,7 @@ from mom.artifacts import arrays, reports, tables  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
 from mom.datasets.retrieval import PROTOCOLS, RELEVANCE_LEVELS, protocol_lists  # noqa: E402
-from mom.imagestore import MANIFEST_NAME, ImageStore  # noqa: E402
+from mom.imagestore import ImageStore, split_written  # noqa: E402
 from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
 
 log = logging.getLogger("mom")
@@ -212,7 +212,7 @@ def load_start(path: Path, net) -> torch.nn.Module:
 
 def open_labeled(folder: Path) -> ImageStore | None:
     """The split's store when prepare wrote it with labels on every item, else ``None`` (logged)."""
-    if not (folder / MANIFEST_NAME).is_file():
+    if not split_written(folder):
         return None
     store = ImageStore.open(folder)
     if len(store) == 0:

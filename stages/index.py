@@ -30,7 +30,7 @@ import torch
 from mom import artifacts, extraction, networks, search, whitening
 from mom.artifacts import arrays, reports
 from mom.backbones import BACKBONES
-from mom.imagestore import MANIFEST_NAME, ImageStore
+from mom.imagestore import ImageStore, split_written
 from mom.pooling import POOLINGS
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -56,7 +56,7 @@ def open_splits(prepared: Path, names) -> dict[str, ImageStore]:
     """The non-empty image stores among ``names``, in that order; a log line for each one skipped."""
     stores = {}
     for name in names:
-        if not (prepared / name / MANIFEST_NAME).is_file():
+        if not split_written(prepared / name):
             log.info("%s: not in %s, skipped", name, prepared)
         elif len(store := ImageStore.open(prepared / name)) == 0:
             log.info("%s: no items, skipped", name)

@@ -16,8 +16,8 @@ line names the input, no traceback, and none of the stage's outputs (dvc.yaml
 ``outs``) exists afterwards. A new stage or input in dvc.yaml is covered without
 editing this file; an input the stage never opens fails the test.
 
-The stage commands run in forked children of tests/stage_server.py (imports paid
-once per stage), exactly as ``python -m stages.<name>`` runs them.
+The stage commands run in tests/stage_server.py (imports paid once per stage; the
+corrupt-input runs in forked children), as ``python -m stages.<name>`` runs them.
 """
 from __future__ import annotations
 
@@ -280,9 +280,11 @@ class StageServer:
                                         stdout=subprocess.PIPE, text=True)
 
     def run(self, args: list[str], trace: bool = False) -> tuple[int, str, Path]:
+        """Run the stage; ``trace``: in the server itself, recording the files it opens."""
         self.count += 1
         prefix = self.scratch / f"{self.module}-{self.count}"
-        self.process.stdin.write(json.dumps({"args": args, "prefix": str(prefix), "trace": trace}) + "\n")
+        request = {"args": args, "prefix": str(prefix), "trace": trace, "in_process": trace}
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         rc = json.loads(self.process.stdout.readline())["rc"]
         return rc, Path(f"{prefix}.stderr").read_text(errors="replace"), Path(f"{prefix}.trace")

@@ -8,6 +8,7 @@
   ``{"recall_at_<k>": number, "nmi": number}``; ``retrieval`` -> embedding ->
   protocol -> ``{"map": number, ...}``.
 - ``mine``'s ``purity.json`` (read by ``report``): pool variant -> statistics.
+- ``index``'s ``index.json`` (read by ``search``): :data:`INDEX_SUMMARY_KEYS` at least.
 
 A report that is not JSON, or whose numbers sit elsewhere than these readers
 look, is one :class:`~mom.errors.InputError` line naming the file and the key.
@@ -92,3 +93,14 @@ def read_purity_report(path: str | os.PathLike) -> dict:
         if name.endswith(("_positives", "_negatives")):
             _numbers(path, _mapping(path, section, name), name)
     return report
+
+
+INDEX_SUMMARY_KEYS = ("items", "splits", "max_side", "finetuned", "initial")
+
+
+def read_index_summary(path: str | os.PathLike) -> dict:
+    summary = load_json(path)
+    missing = [key for key in INDEX_SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise InputError(f"{path}: missing keys {missing} (rerun the index stage)")
+    return summary

@@ -81,12 +81,13 @@ def read_table(path: str | os.PathLike, contract: TableContract, n_items: int | 
     hint = f"rerun {contract.writer}"
     missing = [name for name in contract.schema.names if name not in table.column_names]
     if missing:
-        raise InputError(f"{path}: missing columns {missing} (a {contract.name} has {contract.schema.names}; {hint})")
+        raise InputError(f"{path}: missing columns {missing} (expected {contract.schema.names}; {hint})")
     columns = [_checked_column(path, table.column(field.name), field, contract, n_items) for field in contract.schema]
     return pa.Table.from_arrays(columns, schema=contract.schema)
 
 
-def _kind(data_type: pa.DataType) -> str:
+def column_kind(data_type: pa.DataType) -> str:
+    """integer, floating point, string, or the type itself: what a column must match."""
     if pa.types.is_integer(data_type):
         return "integer"
     if pa.types.is_floating(data_type):
@@ -99,7 +100,7 @@ def _kind(data_type: pa.DataType) -> str:
 def _checked_column(path, column: pa.ChunkedArray, field: pa.Field, contract: TableContract,
                     n_items: int | None) -> pa.ChunkedArray:
     name = field.name
-    if _kind(column.type) != _kind(field.type):
+    if column_kind(column.type) != column_kind(field.type):
         raise InputError(f"{path}: column {name} holds {column.type}, expected {field.type}")
     try:
         column = column.cast(field.type)
@@ -107,10 +108,10 @@ def _checked_column(path, column: pa.ChunkedArray, field: pa.Field, contract: Ta
         raise InputError(f"{path}: column {name} has values that do not fit {field.type}") from None
     if column.null_count and name not in contract.nullable:
         raise InputError(f"{path}: column {name} has {column.null_count} null values")
-    if _kind(field.type) == "string":
+    if column_kind(field.type) == "string":
         return column
     values = column.drop_null().to_numpy() if column.null_count else column.to_numpy()
-    if _kind(field.type) == "floating point" and not np.isfinite(values).all():
+    if column_kind(field.type) == "floating point" and not np.isfinite(values).all():
         raise InputError(f"{path}: column {name} has NaN or inf values")
     if name == "rank" and len(values) and values.min() < 1:
         raise InputError(f"{path}: column rank must start at 1, found {values.min()}")
