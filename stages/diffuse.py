@@ -53,11 +53,16 @@ def convergence_report(result, options: dict) -> dict:
     }
 
 
-def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k, alpha, max_iter, tol, block_size,
+def read_truncation_features(features_path, adjacency) -> np.ndarray:
+    """The features of every graph node, checked (the Euclidean search reads them all)."""
+    features = arrays.read_features(features_path, n_items=adjacency.shape[0], mmap=True, owner="the graph")
+    check_features(features, name=str(features_path))
+    return features
+
+
+def truncated_solve(features, adjacency, anchors, truncate, sample_size, k, alpha, max_iter, tol, block_size,
                     reorder, dtype, bar):
     """Truncated diffusion for all anchors, plus its agreement with the full solve on a sample."""
-    features = arrays.read_features(features_path, n_items=adjacency.shape[0], mmap=True, owner="the graph")
-    check_features(features, name=str(features_path))  # every row: the Euclidean search reads them all
     neighbourhoods, _ = neighbours_of(features, anchors, truncate)
     result = truncated_manifold_neighbours(adjacency, anchors, neighbourhoods, k, alpha, max_iter, tol, dtype,
                                            progress=bar.update)
@@ -100,7 +105,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
     require(block_size >= 1, f"block_size={block_size}: must be at least 1")
     adjacency = arrays.read_adjacency(graph_path)
     n = adjacency.shape[0]
-    anchors = tables.read_anchors(anchors_path, n_items=n)
+    anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(graph_path))
     require(1 <= k < n, f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
     require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
             "truncate, agreement_sample and threads must be >= 0")
@@ -108,10 +113,11 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
     torch.set_num_threads(threads)
     require(truncate == 0 or k <= truncate, f"k={k}: with truncate={truncate} at most {truncate} neighbours exist")
     options = {"alpha": alpha, "max_iter": max_iter, "tol": tol, "k": k, "dtype": dtype, "truncate": truncate}
+    features = read_truncation_features(features_path, adjacency) if truncate else None
     with timed(f"diffused from {len(anchors)} anchors"), \
             tqdm(total=len(anchors), desc="diffuse", unit="anchor", leave=False) as bar:
         if truncate:
-            result, agreement = truncated_solve(features_path, adjacency, anchors, truncate, agreement_sample,
+            result, agreement = truncated_solve(features, adjacency, anchors, truncate, agreement_sample,
                                                 k, alpha, max_iter, tol, block_size, reorder, DTYPES[dtype], bar)
         else:
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,

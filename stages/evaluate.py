@@ -179,16 +179,19 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
+    splits = {}  # every input is read before the first embedding
     for split in EVALUATIONS:
         store = open_labeled(prepared / split)
         if store is not None:
-            result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
-                                                  ks, options)
+            splits[split] = (store, load_initial(features_dir / f"{split}.npy", len(store)))
     ground_truth = prepared / GROUND_TRUTH
-    if ground_truth.is_file():
-        result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
-    require(any(key in result for key in (*EVALUATIONS, "retrieval")),
+    retrieval = read_retrieval_inputs(prepared, features_dir, ground_truth) if ground_truth.is_file() else None
+    require(splits or retrieval is not None,
             f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
+    for split, (store, initial) in splits.items():
+        result[split] = evaluate_fine_grained(split, store, initial, networks_to_score, ks, options)
+    if retrieval is not None:
+        result["retrieval"] = evaluate_retrieval(retrieval, net, mean, projection, options)
     artifacts.save_json(report_path, result)
     if metrics_path:
         artifacts.save_json(metrics_path, headline(result, proxy))
@@ -227,13 +230,12 @@ def open_labeled(folder: Path) -> ImageStore | None:
     return store
 
 
-def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, options) -> dict:
+def evaluate_fine_grained(split, store, initial, networks_to_score, ks, options) -> dict:
     labels = store.labels
     classes = len(np.unique(labels))
     seed, n_init = options["kmeans_seed"], options["kmeans_n_init"]
     section = {"items": len(store), "classes": classes,
                "kmeans": metrics.kmeans_description(classes, seed, n_init)}
-    initial = load_initial(initial_path, len(store))
     with timed(f"{split}: initial features: Recall@K, NMI"):
         section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
     for name, (net, mean, projection) in networks_to_score.items():
@@ -246,17 +248,26 @@ def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, opt
     return {key: section[key] for key in ("items", "classes", "kmeans", *EMBEDDINGS) if key in section}
 
 
-def evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options) -> dict:
+def read_retrieval_inputs(prepared, features_dir, ground_truth) -> dict:
+    """The query and database stores, the ground truth, its protocols and, when
+    extract wrote them, the initial features of both."""
     queries, database = ImageStore.open(prepared / "query"), ImageStore.open(prepared / "database")
     table = tables.read_ground_truth(ground_truth, len(queries), len(database), RELEVANCE_LEVELS)
     protocols = protocols_in(table)
     require(protocols, f"{ground_truth}: no relevance level that any protocol counts as positive")
+    initial = None
+    if (features_dir / "query.npy").is_file() and (features_dir / "database.npy").is_file():
+        initial = (load_initial(features_dir / "query.npy", len(queries)),
+                   load_initial(features_dir / "database.npy", len(database)))
+    return {"queries": queries, "database": database, "table": table, "protocols": protocols, "initial": initial}
+
+
+def evaluate_retrieval(inputs, net, mean, projection, options) -> dict:
+    queries, database, table, protocols = (inputs[key] for key in ("queries", "database", "table", "protocols"))
     section = {"queries": len(queries), "database": len(database), "protocols": protocols}
     precision_ks = sorted(set(options["precision_ks"]))
-    if (features_dir / "query.npy").is_file() and (features_dir / "database.npy").is_file():
-        section["initial"] = retrieval_metrics(load_initial(features_dir / "query.npy", len(queries)),
-                                               load_initial(features_dir / "database.npy", len(database)),
-                                               table, protocols, precision_ks)
+    if inputs["initial"] is not None:
+        section["initial"] = retrieval_metrics(*inputs["initial"], table, protocols, precision_ks)
     with timed("embedded queries and database with the fine-tuned network"):
         query_embeddings = embed(net, queries, mean, projection, options)
         database_embeddings = embed(net, database, mean, projection, options)

@@ -296,7 +296,7 @@ def check_hdml_options(synthesis, supervision, loss, weighted, head_dim, pseudo_
 
 def read_mined_pools(pools_path: Path, anchors_path: Path, n_train: int, weighted: bool):
     """MoM's pools (weights rescaled to mean 1 when ``weighted``) and that scale."""
-    anchor_ids = tables.read_anchors(anchors_path, n_items=n_train)
+    anchor_ids = tables.read_anchors(anchors_path, n_items=n_train, owner="the train split")
     pools = read_pools(pools_path, n_train, anchor_ids)
     weight_scale = None
     if weighted:

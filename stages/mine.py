@@ -89,8 +89,8 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
     n = features.shape[0]
     k_neg_used = min(k_neg, n // 2)
     require(k_pos < n and baseline_k < n, f"k_pos={k_pos}, baseline_k={baseline_k}: must be below the item count {n}")
-    anchors = tables.read_anchors(anchors_path, n_items=n)
-    manifold = tables.read_manifold_knn(manifold_path, n_items=n, anchors=anchors)
+    anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(features_path))
+    manifold = tables.read_manifold_knn(manifold_path, n_items=n, anchors=anchors, owner=str(features_path))
     manifold_ids, manifold_values = tables.manifold_neighbour_matrix(manifold_path, manifold, anchors)
     depth = max(k_pos, k_neg_used)
     require(manifold_ids.shape[1] >= depth,

@@ -27,7 +27,7 @@ METHODS = ("pca", "lw", "none")
 
 def matching_pairs(path: Path, max_rank: int, n_train: int) -> np.ndarray:
     """``(m, 2)`` pairs (anchor, manifold neighbour of rank <= max_rank)."""
-    table = tables.read_manifold_knn(path, n_items=n_train)
+    table = tables.read_manifold_knn(path, n_items=n_train, owner="the train split")
     anchor, neighbour, rank = (table.column(c).to_numpy() for c in ("anchor", "neighbour", "rank"))
     keep = (rank <= max_rank) & (anchor != neighbour)
     pairs = np.stack([anchor[keep], neighbour[keep]], axis=1).astype(np.int64)

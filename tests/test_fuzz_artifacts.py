@@ -217,6 +217,7 @@ class Corruption:
     name: str
     suffixes: tuple[str, ...]  # file name endings it applies to ("" = every file)
     make: Callable[[Path], bytes | None]  # new bytes for the file (None: not applicable to this file)
+    inconsistent: bool = False  # valid alone, wrong beside the stage's other inputs (needs some)
 
 
 CORRUPTIONS = (
@@ -230,7 +231,7 @@ CORRUPTIONS = (
     Corruption("wrong shape", (".npy",), _npy_wrong_shape),
     Corruption("wrong dtype", (".npy",), _npy_wrong_dtype),
     Corruption("NaN value", (".npy",), _npy_nan),
-    Corruption("one row fewer", (".npy",), _npy_one_row_fewer),
+    Corruption("one row fewer", (".npy",), _npy_one_row_fewer, inconsistent=True),
     Corruption("Python objects (pickle)", (".npz",), _npz_objects),
     Corruption("missing array", (".npz",), _npz_missing_array),
     Corruption("NaN value", (".npz",), lambda path: _npz_float_member(path, _with_nan)),
@@ -346,11 +347,14 @@ def read_files(project: Path, dep: str, trace: Path) -> dict[str, list[Path]]:
     return groups
 
 
-def corruptions_for(files: list[Path]):
-    """(name, {file: new bytes or None to delete}) for every corruption that applies to these files."""
+def corruptions_for(files: list[Path], other_inputs: bool):
+    """(name, {file: new bytes or None to delete}) for every corruption that applies to these files
+    (``other_inputs``: the stage reads other artifact files too)."""
     yield MISSING, {path: None for path in files}
     for corruption in CORRUPTIONS:
         if not all(any(path.name.endswith(suffix) for suffix in corruption.suffixes) for path in files):
+            continue
+        if corruption.inconsistent and not other_inputs:
             continue
         contents = {path: corruption.make(path) for path in files}
         if all(content is not None for content in contents.values()):
@@ -370,15 +374,17 @@ def test_every_stage_refuses_every_corrupt_input(tmp_path, capsys):
             rc, stderr, trace = server.run(argv[3:], trace=True)
             assert rc == 0, f"{stage} fails on the valid pipeline:\n{stderr[-3000:]}"
             stash(project, outputs, tmp_path / "outputs" / stage)
-            for dep in inputs[stage]:
-                groups = read_files(project, dep, trace)
+            groups_of = {dep: read_files(project, dep, trace) for dep in inputs[stage]}
+            read = sum(len(files) for groups in groups_of.values() for files in groups.values())
+            for dep, groups in groups_of.items():
                 if not groups:
                     failures.append(f"{stage}: never opens anything under its dep {dep} (fuzz params: "
                                     f"{READ_EVERY_INPUT})")
                     continue
                 pairs += 1
                 for files in groups.values():
-                    problems, runs = fuzz_files(project, server, stage, argv, dep, files, outputs, tmp_path / "stray")
+                    problems, runs = fuzz_files(project, server, stage, argv, dep, files, outputs, tmp_path / "stray",
+                                                other_inputs=read > len(files))
                     failures, cases = failures + problems, cases + runs
         finally:
             server.close()
@@ -389,11 +395,11 @@ def test_every_stage_refuses_every_corrupt_input(tmp_path, capsys):
     assert pairs == sum(len(deps) for deps in inputs.values()) and not failures, "\n".join(failures)
 
 
-def fuzz_files(project, server, stage, argv, dep, files, outputs, stray) -> tuple[list[str], int]:
+def fuzz_files(project, server, stage, argv, dep, files, outputs, stray, other_inputs) -> tuple[list[str], int]:
     """Run the stage once per corruption of ``files`` (all at once): the problems found, the runs."""
     originals = {path: path.read_bytes() for path in files}
     problems, runs = [], 0
-    for name, contents in corruptions_for(files):
+    for name, contents in corruptions_for(files, other_inputs):
         runs += 1
         for path, content in contents.items():
             if content is None:

@@ -74,15 +74,18 @@ def write_table(path: str | os.PathLike, contract: TableContract, columns: dict,
     save_parquet(path, pa.Table.from_arrays(arrays, schema=contract.schema))
 
 
-def read_table(path: str | os.PathLike, contract: TableContract, n_items: int | None = None) -> pa.Table:
+def read_table(path: str | os.PathLike, contract: TableContract, n_items: int | None = None,
+               owner: str = "the other inputs") -> pa.Table:
     """The table at ``path`` with the contract's columns, in its schema, after
-    checking types, nulls, NaN/inf, ranks and ids (``< n_items`` when given)."""
+    checking types, nulls, NaN/inf, ranks and ids (``< n_items`` when given:
+    the item count of ``owner``, named in the error)."""
     table = load_parquet(path)
     hint = f"rerun {contract.writer}"
     missing = [name for name in contract.schema.names if name not in table.column_names]
     if missing:
         raise InputError(f"{path}: missing columns {missing} (expected {contract.schema.names}; {hint})")
-    columns = [_checked_column(path, table.column(field.name), field, contract, n_items) for field in contract.schema]
+    columns = [_checked_column(path, table.column(field.name), field, contract, n_items, owner)
+               for field in contract.schema]
     return pa.Table.from_arrays(columns, schema=contract.schema)
 
 
@@ -98,7 +101,7 @@ def column_kind(data_type: pa.DataType) -> str:
 
 
 def _checked_column(path, column: pa.ChunkedArray, field: pa.Field, contract: TableContract,
-                    n_items: int | None) -> pa.ChunkedArray:
+                    n_items: int | None, owner: str) -> pa.ChunkedArray:
     name = field.name
     if column_kind(column.type) != column_kind(field.type):
         raise InputError(f"{path}: column {name} holds {column.type}, expected {field.type}")
@@ -120,8 +123,8 @@ def _checked_column(path, column: pa.ChunkedArray, field: pa.Field, contract: Ta
         if low < 0 or (n_items is not None and high >= n_items):
             bound = f"0..{n_items - 1}" if n_items is not None else "ids >= 0"
             bad = low if low < 0 else high
-            raise InputError(f"{path}: column {name} has id {bad} outside {bound} (the {n_items} items of the "
-                             f"other inputs; rerun {contract.writer})")
+            raise InputError(f"{path}: column {name} has id {bad} outside {bound} (the {n_items} items of {owner}; "
+                             f"rerun {contract.writer})")
     return column
 
 
@@ -134,10 +137,10 @@ def write_anchors(path: str | os.PathLike, items: np.ndarray, probability: np.nd
                                 "strategy": [strategy] * len(items)})
 
 
-def read_anchors(path: str | os.PathLike, n_items: int | None = None) -> np.ndarray:
+def read_anchors(path: str | os.PathLike, n_items: int | None = None, owner: str = "the graph") -> np.ndarray:
     """Anchor ids in rank order: at least one, distinct, each a node of the
     ``n_items``-node graph (when given)."""
-    table = read_table(path, ANCHORS, n_items)
+    table = read_table(path, ANCHORS, n_items, owner)
     items = table.column("item").to_numpy()
     if len(items) == 0:
         raise InputError(f"{path}: no anchors (rerun anchors)")
@@ -162,8 +165,8 @@ def write_knn(path: str | os.PathLike, ids: np.ndarray, sims: np.ndarray) -> Non
     })
 
 
-def read_knn(path: str | os.PathLike, n_items: int | None = None) -> pa.Table:
-    return read_table(path, KNN, n_items)
+def read_knn(path: str | os.PathLike, n_items: int | None = None, owner: str = "the features") -> pa.Table:
+    return read_table(path, KNN, n_items, owner)
 
 
 # manifold_knn.parquet -------------------------------------------------------------------------------------------
@@ -180,10 +183,10 @@ def write_manifold_knn(path: str | os.PathLike, anchors: np.ndarray, ids: np.nda
     })
 
 
-def read_manifold_knn(path: str | os.PathLike, n_items: int | None = None,
-                      anchors: np.ndarray | None = None) -> pa.Table:
+def read_manifold_knn(path: str | os.PathLike, n_items: int | None = None, anchors: np.ndarray | None = None,
+                      owner: str = "the features") -> pa.Table:
     """The manifold neighbour lists; with ``anchors``, every row's anchor must be one of them."""
-    table = read_table(path, MANIFOLD_KNN, n_items)
+    table = read_table(path, MANIFOLD_KNN, n_items, owner)
     if anchors is not None:
         unknown = np.setdiff1d(table.column("anchor").to_numpy(), anchors)
         if len(unknown):
@@ -223,10 +226,11 @@ def write_pools(path: str | os.PathLike, columns: dict, manifold_found: np.ndarr
     write_table(path, POOLS, columns, masks={"manifold_similarity": ~np.asarray(manifold_found, dtype=bool)})
 
 
-def read_pools(path: str | os.PathLike, n_items: int | None = None, anchors: np.ndarray | None = None) -> pa.Table:
+def read_pools(path: str | os.PathLike, n_items: int | None = None, anchors: np.ndarray | None = None,
+               owner: str = "the train split") -> pa.Table:
     """The pools: at least one member, kinds positive/negative, ids below
     ``n_items``; with ``anchors``, every pool anchor must be one of them."""
-    table = read_table(path, POOLS, n_items)
+    table = read_table(path, POOLS, n_items, owner)
     if len(table) == 0:
         raise InputError(f"{path}: no pool members (rerun mine)")
     kinds = set(table.column("kind").unique().to_pylist())
