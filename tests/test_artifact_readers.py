@@ -251,3 +251,36 @@ def test_the_seven_reported_cases_are_one_line_with_exit_status_2(tmp_path, bad_
         code, errors = run_stage(module, args, capsys)
         assert code == 2 and len(errors) == 1 and str(path) in errors[0], (module.__name__, path, errors)
     assert not out.exists()
+
+
+def test_training_log_is_checked_against_its_summary(tmp_path):
+    from mom.training_log import read_training_log, write_training_log
+
+    folder = tmp_path / "live"
+    write_training_log(folder, [{"epoch": 1, "loss": 0.5, "active": 0.2}, {"epoch": 2, "loss": 0.25, "active": 0.1}],
+                       initial_val_recall=0.7)
+    assert [row["epoch"] for row in read_training_log(folder)] == [0, 1, 2]
+    loss = folder / "plots" / "metrics" / "loss.tsv"
+    whole = loss.read_text()
+    loss.write_text("\n".join(whole.splitlines()[:-1]) + "\n")  # the last epoch lost
+    with pytest.raises(InputError, match="differs from") as error:
+        read_training_log(folder)
+    one_line(error, loss)
+    loss.unlink()
+    with pytest.raises(InputError, match="file not found"):
+        read_training_log(folder)
+    with pytest.raises(InputError, match="folder not found"):
+        read_training_log(tmp_path / "nothing")
+
+
+def test_a_split_folder_without_its_files_is_an_error(tmp_path):
+    from mom.imagestore import ImageStore, split_written, write_image_store
+
+    assert not split_written(tmp_path / "val")
+    write_image_store(tmp_path / "val", (np.zeros((2, 2), np.uint8) for _ in range(2)),
+                      {"source": ["t"] * 2, "split": ["val"] * 2, "origin": ["a", "b"]})
+    assert split_written(tmp_path / "val") and len(ImageStore.open(tmp_path / "val")) == 2
+    (tmp_path / "val" / "manifest.parquet").unlink()
+    assert split_written(tmp_path / "val")
+    with pytest.raises(InputError, match="manifest.parquet: file not found"):
+        ImageStore.open(tmp_path / "val")
