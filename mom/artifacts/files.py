@@ -122,7 +122,7 @@ def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
             if version not in read:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, _, dtype = read[version](handle)
-        except (ValueError, SyntaxError, EOFError, OSError) as error:
+        except (ValueError, TypeError, SyntaxError, EOFError, OSError) as error:
             raise InputError(f"{path}: not a readable .npy header ({_first_line(error)})") from None
         offset = handle.tell()
     if dtype.hasobject:
