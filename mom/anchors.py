@@ -1,4 +1,4 @@
-"""Anchor selection: stationary distribution, 1-hop local maxima, top N (method.md section 3)."""
+"""Anchor selection: stationary distribution, 1-hop local maxima, top N (docs/method.md section 3)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Manifold similarity by diffusion on the graph (method.md section 4, eqs. (2)-(4)).
+"""Manifold similarity by diffusion on the graph (docs/method.md section 4, eqs. (2)-(4)).
 
 For anchor i the manifold similarities are the solution ``f_i*`` of
 ``(I - alpha A_hat) f = (1 - alpha) e_i`` with ``A_hat = D^-1/2 A D^-1/2``,

@@ -1,4 +1,4 @@
-"""Batched multi-scale embedding of an image store with a network (method.md section 1).
+"""Batched multi-scale embedding of an image store with a network (docs/method.md section 1).
 
 :func:`embed_store` is the one code path that turns images into descriptors:
 the ``extract`` stage uses it with a pretrained network, later stages with a

@@ -1,4 +1,4 @@
-"""The paper's qualitative figure of the pools (method.md section 5).
+"""The paper's qualitative figure of the pools (docs/method.md section 5).
 
 For a few anchors: the anchor image, its manifold pools ``P+`` and ``P-`` and
 the baseline pools of the ablation (Euclidean ``NN_k`` positives, random

@@ -1,6 +1,6 @@
-"""Euclidean k-nearest-neighbour search and the reciprocal kNN graph (method.md section 2).
+"""Euclidean k-nearest-neighbour search and the reciprocal kNN graph (docs/method.md section 2).
 
-Self-neighbour convention (explicit, as method.md asks): ``k`` counts the item
+Self-neighbour convention (explicit, as docs/method.md asks): ``k`` counts the item
 itself, like the authors' code — with ``k = 30`` every item has ``k - 1 = 29``
 *other* candidates for its edges. :func:`knn_search` always returns other
 items only (rank 1 = nearest other item), ``k - 1`` of them when
@@ -276,7 +276,7 @@ def search_recall(features: np.ndarray, ids: np.ndarray, sample: np.ndarray, cou
 
 
 def euclidean_similarity(inner_products: np.ndarray, gamma: float) -> np.ndarray:
-    """``s_e = [y_i . y_j]_+ ^ gamma`` (method.md notation)."""
+    """``s_e = [y_i . y_j]_+ ^ gamma`` (docs/method.md notation)."""
     return np.power(np.maximum(inner_products, 0), gamma, dtype=np.float32)
 
 

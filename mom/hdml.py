@@ -66,7 +66,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def augment_negatives(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                       alpha: float, j_avg: float) -> torch.Tensor:
-    """Hardness-aware augmentation (method.md section 10.1), broadcast over the
+    """Hardness-aware augmentation (docs/method.md section 10.1), broadcast over the
     leading dimensions: where ``d- > d+``,
     ``z^- = z + [d+ + (d- - d+) exp(-alpha / J_avg)] / d- * (z- - z)``, else ``z^- = z-``."""
     factor = hardness_factor(alpha, j_avg)
@@ -334,7 +334,7 @@ def triplet_terms(model: HDML, features: torch.Tensor, embeddings: torch.Tensor,
     """Per-tuple HDML terms for ``b`` triplets, rows laid out ``[anchors;
     positives; negatives]`` (``features`` ``(3b, channels)``, ``embeddings``
     ``(3b, d)``, ``labels`` ``(3b,)``; ``weights`` ``(b,)`` multiply ``J_m``
-    and ``J_syn``, the weighted variant of method.md section 6).
+    and ``J_syn``, the weighted variant of docs/method.md section 6).
 
     ``J_m`` = triplet loss of the real tuple; ``J_syn`` = triplet loss of
     ``(f(i(z)), f(i(z+)), f(i(z^-)))``; ``J_recon`` and ``J_ce`` = means over

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from mom import artifacts
+from mom.artifacts.tables import column_kind
 from mom.errors import InputError
 
 MANIFEST_NAME = "manifest.parquet"
@@ -72,10 +73,7 @@ class ImageStore:
             if not path.is_file():
                 raise InputError(f"{path}: file not found (run the prepare stage first)")
         manifest = artifacts.load_parquet(manifest_path)
-        try:
-            pixels = np.load(pixels_path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise InputError(f"{pixels_path}: not a readable .npy file ({error})") from None
+        pixels = artifacts.load_npy(pixels_path, mmap=True)
         manifest = _checked_manifest(manifest, pixels, folder)
         return cls(folder, manifest, pixels)
 
@@ -134,6 +132,13 @@ def _labels_of(manifest: pa.Table) -> np.ndarray:
     return np.asarray(column.to_numpy(), dtype=np.int64)
 
 
+def split_written(folder: str | os.PathLike) -> bool:
+    """Whether ``prepare`` wrote this split: its folder exists (``prepare`` removes
+    the folders of splits it did not write). A split folder without its files is
+    damaged, and :meth:`ImageStore.open` says so."""
+    return Path(folder).is_dir()
+
+
 def _checked_manifest(manifest: pa.Table, pixels: np.ndarray, folder: Path) -> pa.Table:
     """The manifest cast to :data:`MANIFEST_SCHEMA`, or an InputError saying what
     is inconsistent with ``pixels``."""
@@ -141,6 +146,12 @@ def _checked_manifest(manifest: pa.Table, pixels: np.ndarray, folder: Path) -> p
     missing = [name for name in MANIFEST_SCHEMA.names if name not in manifest.column_names]
     if missing:
         raise InputError(f"{where}: missing columns {missing} (expected {MANIFEST_SCHEMA.names})")
+    wrong = [f"{field.name} holds {manifest.schema.field(field.name).type}, expected {field.type}"
+             for field in MANIFEST_SCHEMA
+             if column_kind(manifest.schema.field(field.name).type) != column_kind(field.type)
+             and not pa.types.is_null(manifest.schema.field(field.name).type)]
+    if wrong:
+        raise InputError(f"{where}: column {wrong[0]}")
     try:
         manifest = manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:

@@ -1,5 +1,5 @@
-"""Tuple losses of method.md section 6 (eqs. (7)-(8)) and HDML's N-pair loss
-(method.md section 10).
+"""Tuple losses of docs/method.md section 6 (eqs. (7)-(8)) and HDML's N-pair loss
+(docs/method.md section 10).
 
 Every function takes embeddings of anchors, positives and negatives, each
 ``(b, d)`` and l2-normalized by the network, and returns the per-tuple losses
@@ -12,7 +12,7 @@ import torch
 
 
 def contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
-    """``||z_r - z+||^2 + [m - ||z_r - z-||]_+^2`` per tuple (method.md eq. (7))."""
+    """``||z_r - z+||^2 + [m - ||z_r - z-||]_+^2`` per tuple (docs/method.md eq. (7))."""
     positive_term = (anchor - positive).pow(2).sum(dim=1)
     negative_distance = (anchor - negative).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
     return positive_term + torch.relu(margin - negative_distance).pow(2)
@@ -20,7 +20,7 @@ def contrastive_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
 
 def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
     """``[m + ||z_r - z+||^2 - ||z_r - z-||^2]_+`` per tuple, squared distances
-    as in the authors' code (method.md eq. (8))."""
+    as in the authors' code (docs/method.md eq. (8))."""
     positive_distance = (anchor - positive).pow(2).sum(dim=1)
     negative_distance = (anchor - negative).pow(2).sum(dim=1)
     return torch.relu(margin + positive_distance - negative_distance)
@@ -28,7 +28,7 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
 
 def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None,
                l2_reg: float = 0.0) -> torch.Tensor:
-    """N-pair loss (Sohn 2016) per anchor (method.md section 10):
+    """N-pair loss (Sohn 2016) per anchor (docs/method.md section 10):
     ``log(1 + sum_k exp(a . n_k - a . p)) + l2_reg / 4 * (||a||^2 + ||p||^2)``.
 
     ``anchor``, ``positive``: ``(n, d)``, pair ``i`` of a batch of ``n`` pairs of

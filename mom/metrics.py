@@ -1,4 +1,4 @@
-"""Evaluation measures of method.md section 8.
+"""Evaluation measures of docs/method.md section 8.
 
 - Recall@K, and NMI and F1 of k-means: the fine-grained protocol (CUB-200-2011 style).
 - Average precision with junk items, mAP, mP@k and the revisited Easy / Medium /
@@ -47,7 +47,7 @@ def nearest_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8)) -> dict[int, float]:
-    """Recall@K (method.md section 8): the fraction of items that have at least
+    """Recall@K (docs/method.md section 8): the fraction of items that have at least
     one item of their own class among their K nearest *other* items.
 
     Every item is a query against all the others. Returns ``{K: recall}``.
@@ -69,7 +69,7 @@ def kmeans_clusters(embeddings: np.ndarray, n_clusters: int, seed: int, n_init: 
 
 
 def nmi_kmeans(embeddings: np.ndarray, labels: np.ndarray, n_clusters: int, seed: int, n_init: int) -> float:
-    """NMI between the labels and a k-means clustering (method.md section 8).
+    """NMI between the labels and a k-means clustering (docs/method.md section 8).
 
     scikit-learn ``KMeans(n_clusters, random_state=seed, n_init=n_init)``;
     NMI normalized by the arithmetic mean of the two entropies (scikit-learn's
@@ -90,7 +90,7 @@ def _same_group_pairs(counts: np.ndarray) -> int:
 
 
 def clustering_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Pairwise F1 of a clustering against the labels (method.md section 8).
+    """Pairwise F1 of a clustering against the labels (docs/method.md section 8).
 
     Over unordered pairs of distinct items: precision = pairs in one cluster
     that share a class / pairs in one cluster; recall = the same / pairs that
@@ -185,7 +185,7 @@ def _as_rows(rankings) -> list[np.ndarray]:
 
 
 def mean_average_precision(rankings, positives, junk=None) -> dict:
-    """mAP over queries (method.md section 8).
+    """mAP over queries (docs/method.md section 8).
 
     ``rankings[q]``: database ids ranked for query q; ``positives[q]`` and
     ``junk[q]``: id lists. Queries without positives are excluded from the mean
@@ -237,10 +237,13 @@ def revisited_ground_truth(easy, hard, junk) -> dict[str, tuple[list, list]]:
     }
 
 
-def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
-    """mAP and mP@k for each revisited protocol (Easy / Medium / Hard)."""
+def protocol_evaluation(rankings, protocols: dict[str, tuple[list, list]],
+                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """mAP and mP@k per protocol; ``protocols``: name -> (positives, ignored)
+    per query (e.g. :func:`revisited_ground_truth`, or
+    :func:`mom.datasets.retrieval.protocol_lists` of a ground-truth table)."""
     results = {}
-    for protocol, (positives, ignored) in revisited_ground_truth(easy, hard, junk).items():
+    for protocol, (positives, ignored) in protocols.items():
         average = mean_average_precision(rankings, positives, ignored)
         results[protocol] = {
             "map": average["map"],
@@ -248,6 +251,11 @@ def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 
             "mp_at_k": mean_precision_at_k(rankings, positives, ignored, ks),
         }
     return results
+
+
+def revisited_evaluation(rankings, easy, hard, junk, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+    """mAP and mP@k for each revisited protocol (Easy / Medium / Hard)."""
+    return protocol_evaluation(rankings, revisited_ground_truth(easy, hard, junk), ks)
 
 
 def rank_database(queries: np.ndarray, database: np.ndarray, block: int = 256) -> np.ndarray:

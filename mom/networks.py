@@ -1,4 +1,4 @@
-"""The embedding network: backbone trunk + global pooling + optional FC head + l2 (method.md sections 1, 6).
+"""The embedding network: backbone trunk + global pooling + optional FC head + l2 (docs/method.md sections 1, 6).
 
 ``EmbeddingNet`` takes RGB pixels in ``[0, 255]`` (float, ``(B, 3, H, W)``),
 normalizes them as its backbone expects, and returns l2-normalized descriptors.

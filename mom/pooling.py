@@ -1,4 +1,4 @@
-"""Global pooling of a convolutional feature map into one descriptor (method.md section 1).
+"""Global pooling of a convolutional feature map into one descriptor (docs/method.md section 1).
 
 Pure functions on ``(B, C, H, W)`` tensors returning ``(B, C)``, plus thin
 ``nn.Module`` wrappers. None of them l2-normalizes its output except

@@ -1,4 +1,4 @@
-"""Positive and negative pools of every anchor (method.md section 5, eqs. (5)-(6)).
+"""Positive and negative pools of every anchor (docs/method.md section 5, eqs. (5)-(6)).
 
 Neighbour lists come in as (anchors, m) id arrays, self excluded, sorted by
 descending similarity (ties: smaller id first), padded with -1 where fewer
@@ -101,23 +101,27 @@ def random_negatives(anchors: np.ndarray, euclidean_ids: np.ndarray, n_items: in
     return Pool.from_lists(lists)
 
 
-def select_pools(positives: str, negatives: str, anchors: np.ndarray, manifold_ids: np.ndarray,
-                 euclidean_ids: np.ndarray, n_items: int, k_pos: int, k_neg: int, positive_cap: int,
-                 negative_cap: int, baseline_k: int, seed: int) -> tuple[Pool, Pool]:
-    """The (positive, negative) pools of the chosen variants (paper Table 1)."""
+def pool_variants(anchors: np.ndarray, manifold_ids: np.ndarray, euclidean_ids: np.ndarray, n_items: int,
+                  k_pos: int, k_neg: int, positive_cap: int, negative_cap: int, baseline_k: int,
+                  seed: int) -> dict[str, Pool]:
+    """Every pool variant of the paper's Table 1, by name: ``manifold_positives``
+    (P+), ``euclidean_positives`` (baseline NN), ``manifold_negatives`` (P-),
+    ``random_negatives`` (baseline)."""
+    return {
+        "manifold_positives": manifold_positives(manifold_ids, euclidean_ids, k_pos, positive_cap),
+        "euclidean_positives": euclidean_positives(euclidean_ids, baseline_k),
+        "manifold_negatives": manifold_negatives(manifold_ids, euclidean_ids, k_neg, negative_cap),
+        "random_negatives": random_negatives(anchors, euclidean_ids, n_items, baseline_k, negative_cap, seed),
+    }
+
+
+def select_pools(positives: str, negatives: str, variants: dict[str, Pool]) -> tuple[Pool, Pool]:
+    """The (positive, negative) pools of the chosen variants among :func:`pool_variants`'s."""
     if positives not in POSITIVE_VARIANTS:
         raise InputError(f"positives={positives!r}: allowed values are {', '.join(POSITIVE_VARIANTS)}")
     if negatives not in NEGATIVE_VARIANTS:
         raise InputError(f"negatives={negatives!r}: allowed values are {', '.join(NEGATIVE_VARIANTS)}")
-    if positives == "manifold":
-        positive_pool = manifold_positives(manifold_ids, euclidean_ids, k_pos, positive_cap)
-    else:
-        positive_pool = euclidean_positives(euclidean_ids, baseline_k)
-    if negatives == "manifold":
-        negative_pool = manifold_negatives(manifold_ids, euclidean_ids, k_neg, negative_cap)
-    else:
-        negative_pool = random_negatives(anchors, euclidean_ids, n_items, baseline_k, negative_cap, seed)
-    return positive_pool, negative_pool
+    return variants[f"{positives}_positives"], variants[f"{negatives}_negatives"]
 
 
 def pool_purity(anchors: np.ndarray, pool: Pool, labels: np.ndarray, same_label: bool) -> dict:

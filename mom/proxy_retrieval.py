@@ -1,5 +1,5 @@
 """An embedded retrieval benchmark built from held-out items: a PROXY, not
-Oxford/Paris (method.md section 8 measures, on synthetic queries).
+Oxford/Paris (docs/method.md section 8 measures, on synthetic queries).
 
 Each selected item of an image store (the held-out ``test`` split: classes the
 network never trained on) is an *object*. View 0 of an object (an augmented
@@ -129,7 +129,7 @@ def _grey_resized(image: np.ndarray, side: int) -> np.ndarray:
 
 def evaluate(query_descriptors: np.ndarray, database_descriptors: np.ndarray, positives: list[np.ndarray],
              precision_ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """mAP and mP@k (method.md section 8, no junk) of ranking the database by
+    """mAP and mP@k (docs/method.md section 8, no junk) of ranking the database by
     dot product for every query: ``{"map", "mp_at_<k>" ...}``."""
     rankings = metrics.rank_database(query_descriptors, database_descriptors)
     result = {"map": metrics.mean_average_precision(rankings, positives)["map"]}

@@ -1,4 +1,4 @@
-"""The paper's Table 1 from the grid's per-cell results (method.md section 9).
+"""The paper's Table 1 from the grid's per-cell results (docs/method.md section 9).
 
 A *cell* is one Table 1 row (a pool variant, with or without the weighted loss)
 at one seed; its name is ``<row>_seed-<seed>``. Each cell contributes the

@@ -1,4 +1,4 @@
-"""The fine-tuning loop of method.md section 6: re-embed, re-mine, SGD; with a
+"""The fine-tuning loop of docs/method.md section 6: re-embed, re-mine, SGD; with a
 checkpoint after every epoch and resume from the last finished one.
 
 The network being trained is split in two by the caller:
@@ -70,7 +70,7 @@ class Inputs(Protocol):
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """HDML's synthesis (method.md section 10): its settings and the Adam
+    """HDML's synthesis (docs/method.md section 10): its settings and the Adam
     learning rates of the generator and the softmax layer (the authors' optimizer)."""
 
     settings: hdml.HDMLSettings = hdml.HDMLSettings()
@@ -174,7 +174,7 @@ def tuples_digest(chosen: Tuples | PairGroups) -> str:
 def mine_epoch_tuples(module, inputs: Inputs, items: np.ndarray, n_items: int, source,
                       config: TrainingConfig, rng: np.random.Generator,
                       ctx: distributed.Context) -> Tuples | PairGroups:
-    """The epoch's tuples from the current embedding (method.md section 6), the
+    """The epoch's tuples from the current embedding (docs/method.md section 6), the
     same on every rank: each embeds its shard, rank 0 selects, then broadcasts
     the tuples and the state of ``rng`` (which selecting advanced). ``source``:
     a :class:`mom.tuples.PoolTuples`, ``LabeledTriplets`` or ``LabeledPairs``
@@ -265,7 +265,7 @@ def _rows_and_anchors(chosen: Tuples | PairGroups, config: TrainingConfig) -> tu
 
 
 class NPairObjective:
-    """The N-pair loss of each group of the batch (method.md section 10.4)."""
+    """The N-pair loss of each group of the batch (docs/method.md section 10.4)."""
 
     def __init__(self, l2_reg: float):
         self.l2_reg = l2_reg
@@ -584,7 +584,7 @@ def fit(
     synthesis: SynthesisConfig | None = None,
     class_labels: np.ndarray | None = None,
 ) -> list[dict]:
-    """Fine-tune ``module`` for ``config.epochs`` epochs (method.md section 6).
+    """Fine-tune ``module`` for ``config.epochs`` epochs (docs/method.md section 6).
 
     ``items``: sorted item ids of the training pool, ``inputs[j]`` is item
     ``items[j]``'s input; ``n_items``: size of the split (item ids < n_items).
@@ -601,7 +601,7 @@ def fit(
     ``pools``: the mined :class:`Pools`, or any tuple source of
     :mod:`mom.tuples` (``LabeledTriplets``, ``LabeledPairs`` for ``loss
     npair``: the supervised reference). ``synthesis``: train with HDML
-    (method.md section 10): what trains is :class:`mom.hdml.HDML` over
+    (docs/method.md section 10): what trains is :class:`mom.hdml.HDML` over
     ``module``, its generator and softmax layer with Adam, and the checkpoint
     holds their state and the training status. ``class_labels``: the class (or
     pseudo-label, dense ``0..C-1``) of every item id for HDML's softmax layer;
@@ -641,7 +641,7 @@ def fit(
             check_ranks_agree(ctx, epoch, chosen)
         mined = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        if objective is None:  # MoM's tuple losses (method.md section 6)
+        if objective is None:  # MoM's tuple losses (docs/method.md section 6)
             row.update(train_one_epoch(trainer, inputs, items, chosen, optimizer, config, rng, ctx))
         else:
             row.update(objective.epoch_status())

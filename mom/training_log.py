@@ -18,6 +18,8 @@ stage leaves no half-written log, and the bytes depend on the history only
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -65,27 +67,67 @@ def write_training_log(folder: str | os.PathLike, history: list[dict], initial_v
 
 def read_training_log(folder: str | os.PathLike) -> list[dict]:
     """One dict per step (``epoch`` = the step, and each logged metric), in
-    step order; ``[]`` when ``folder`` holds no log."""
+    step order. A missing folder or summary, an unreadable file, a step logged
+    twice, or series that disagree with the summary (a file missing, cut short
+    or edited) is one :class:`InputError` line naming the file. Values may be
+    NaN or inf (a diverged loss, HDML's status before its first step)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: training log folder not found (run finetune first)")
+    summary_path = folder / SUMMARY
+    summary = artifacts.load_json(summary_path)
     rows: dict[int, dict] = {}
+    last_step = None
     for name in STEP_METRICS:
         path = folder / METRICS_DIR / f"{name}.tsv"
-        if path.is_file():
-            for step, value in _read_series(path, name):
-                rows.setdefault(step, {"epoch": step})[name] = value
+        if name not in summary and not path.exists():
+            continue
+        if name not in summary:
+            raise InputError(f"{path}: not in {summary_path} (a log of another run; rerun finetune)")
+        series = _read_series(path, name)
+        logged = summary[name]
+        if not _same_value(series[-1][1], logged):
+            raise InputError(f"{path}: last value {series[-1][1]} differs from {logged!r} in {summary_path} "
+                             "(cut short or edited; rerun finetune)")
+        last_step = max(series[-1][0], last_step if last_step is not None else -1)
+        for step, value in series:
+            rows.setdefault(step, {"epoch": step})[name] = value
+    if last_step is not None and summary.get("step") != last_step:
+        raise InputError(f"{summary_path}: step {summary.get('step')!r}, the series end at step {last_step} "
+                         "(cut short or edited; rerun finetune)")
     return [rows[step] for step in sorted(rows)]
 
 
+def _same_value(value: float, logged) -> bool:
+    """Whether a series' last value is the summary's (as written: NaN and inf included)."""
+    if not isinstance(logged, (int, float)) or isinstance(logged, bool):
+        return False
+    if math.isnan(value) or math.isnan(logged):
+        return math.isnan(value) and math.isnan(logged)
+    return value == logged or math.isclose(value, logged, rel_tol=1e-6)
+
+
 def _read_series(path: Path, name: str) -> list[tuple[int, float]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if reader.fieldnames is None or not {"step", name} <= set(reader.fieldnames):
-            raise InputError(f"{path}: not a DVCLive metric file (expected columns step, {name})")
-        series = []
+    try:
+        text = artifacts.require_file(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a DVCLive metric file (not UTF-8 text)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    if reader.fieldnames is None or not {"step", name} <= set(reader.fieldnames):
+        raise InputError(f"{path}: not a DVCLive metric file (expected columns step, {name})")
+    series, seen = [], set()
+    try:
         for line, row in enumerate(reader, start=2):
             try:
                 step, value = int(row["step"]), float(row[name])
             except (TypeError, ValueError):
                 raise InputError(f"{path}: line {line}: step and {name} must be numbers") from None
+            if step < 0 or step in seen:
+                raise InputError(f"{path}: line {line}: step {step} repeated or negative")
+            seen.add(step)
             series.append((step, value))
+    except csv.Error as error:
+        raise InputError(f"{path}: not a DVCLive metric file ({error})") from None
+    if not series:
+        raise InputError(f"{path}: no rows (an interrupted write; rerun finetune)")
     return series

@@ -1,4 +1,4 @@
-"""Per-epoch training tuples (method.md section 6; from labels: section 10).
+"""Per-epoch training tuples (docs/method.md section 6; from labels: section 10).
 
 One tuple per anchor and epoch: the anchor, one positive drawn uniformly from
 ``P+``, one negative drawn uniformly from the ``negatives_nearest`` members of
@@ -147,7 +147,7 @@ def _uniform_pick(rng: np.random.Generator, candidates: np.ndarray) -> np.ndarra
 
 
 def select_tuples(pools: Pools, embeddings: np.ndarray, rng: np.random.Generator, negatives_nearest: int = 10) -> Tuples:
-    """One tuple per anchor for this epoch (method.md section 6), in anchor order.
+    """One tuple per anchor for this epoch (docs/method.md section 6), in anchor order.
 
     ``embeddings``: the current network's embedding of the training pool, row i
     = item i (rows of items outside the pool are never read).

@@ -1,4 +1,4 @@
-"""Whitening of descriptors (method.md section 7).
+"""Whitening of descriptors (docs/method.md section 7).
 
 A whitening is a pair ``(mean (d,), projection (d_out, d))`` applied as
 ``y <- l2normalize(projection @ (y - mean))``. Rows of ``projection`` are
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
@@ -103,7 +102,7 @@ def learn_lw_whitening(
 
 
 def apply_whitening(X: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """``l2normalize(P (x - mean))`` for every row x of X (method.md section 7)."""
+    """``l2normalize(P (x - mean))`` for every row x of X (docs/method.md section 7)."""
     whitened = (np.asarray(X, dtype=np.float32) - mean) @ np.asarray(projection, dtype=np.float32).T
     norms = np.linalg.norm(whitened, axis=1, keepdims=True)
     return (whitened / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -132,14 +131,15 @@ def save_whitening(path: str | os.PathLike, mean: np.ndarray, projection: np.nda
 
 def load_whitening(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, str]:
     """``(mean, projection, method)`` from :func:`save_whitening`'s file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found (run the whiten stage first)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            mean, projection, method = data["mean"], data["projection"], str(data["method"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: not a whitening file (mean, projection, method): {error}") from None
-    if projection.ndim != 2 or mean.shape != (projection.shape[1],):
+    arrays = artifacts.load_npz(path, ("mean", "projection", "method"))
+    mean, projection, method = arrays["mean"], arrays["projection"], arrays["method"]
+    if method.ndim != 0 or method.dtype.kind != "U":
+        raise InputError(f"{path}: 'method' must be a string, got {method.dtype} {method.shape}")
+    for name, array in (("mean", mean), ("projection", projection)):
+        if not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"{path}: '{name}' must be floating point, got {array.dtype}")
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: '{name}' has NaN or inf values (rerun whiten)")
+    if projection.ndim != 2 or projection.shape[0] == 0 or mean.shape != (projection.shape[1],):
         raise InputError(f"{path}: projection {projection.shape} does not fit mean {mean.shape}")
-    return mean, projection, method
+    return mean, projection, str(method)

@@ -1,4 +1,4 @@
-"""Stage ``anchors``: the anchors of the training collection (method.md section 3).
+"""Stage ``anchors``: the anchors of the training collection (docs/method.md section 3).
 
 Reads ``--graph`` (``adjacency.npz`` of the graph stage). Writes
 ``<out-dir>/anchors.parquet``: ``item int64, probability float64 (stationary
@@ -13,10 +13,8 @@ import logging
 from pathlib import Path
 
 import click
-import numpy as np
-import pyarrow as pa
 
-from mom import artifacts
+from mom.artifacts import arrays, tables
 from mom.anchors import STRATEGIES, select_anchors
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -35,19 +33,13 @@ log = logging.getLogger("mom")
 def main(strategy, count, seed, graph_path, out_dir):
     """Select anchors and write anchors.parquet."""
     require(count >= 1, f"count={count}: must be at least 1")
-    adjacency = artifacts.load_csr(graph_path)
+    adjacency = arrays.read_adjacency(graph_path)
     with timed("selected anchors"):
         items, probability = select_anchors(adjacency, strategy, None if strategy == "all" else count, seed)
     require(len(items) > 0, f"{graph_path}: the graph has no edges, so no anchor (lower k or check the features)")
     if strategy == "stationary" and len(items) < count:
         log.warning("only %d local maxima: fewer anchors than count=%d", len(items), count)
-    table = pa.table({
-        "item": pa.array(items, pa.int64()),
-        "probability": pa.array(probability, pa.float64()),
-        "rank": pa.array(np.arange(1, len(items) + 1, dtype=np.int32), pa.int32()),
-        "strategy": pa.array([strategy] * len(items), pa.string()),
-    })
-    artifacts.save_parquet(Path(out_dir) / "anchors.parquet", table)
+    tables.write_anchors(Path(out_dir) / "anchors.parquet", items, probability, strategy)
     log.info("%d anchors (%s)", len(items), strategy)
 
 

@@ -1,4 +1,4 @@
-"""Stage ``diffuse``: manifold neighbours of every anchor (method.md section 4).
+"""Stage ``diffuse``: manifold neighbours of every anchor (docs/method.md section 4).
 
 Reads ``--graph`` (``adjacency.npz``) and ``--anchors`` (``anchors.parquet``).
 Writes to ``--out-dir``: ``manifold_knn.parquet`` (``anchor, neighbour int64,
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from mom import artifacts
+from mom.artifacts import arrays, tables
 from mom.diffusion import manifold_neighbours, neighbour_agreement, truncated_manifold_neighbours
 from mom.graph import check_features, neighbours_of
 from stages._cli import StageCommand, require, stage_command, timed
@@ -36,25 +36,6 @@ from stages._cli import StageCommand, require, stage_command, timed
 log = logging.getLogger("mom")
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
-
-
-def read_anchors(path) -> np.ndarray:
-    table = artifacts.load_parquet(path, columns=["item", "rank"])
-    items = table.column("item").to_numpy()
-    require(len(items) > 0, f"{path}: no anchors")
-    require((np.diff(table.column("rank").to_numpy()) > 0).all(), f"{path}: rows not in rank order")
-    return items
-
-
-def manifold_table(anchors: np.ndarray, ids: np.ndarray, sims: np.ndarray) -> pa.Table:
-    width = ids.shape[1]
-    valid = (ids >= 0).ravel()
-    return pa.table({
-        "anchor": pa.array(np.repeat(anchors, width)[valid], pa.int64()),
-        "neighbour": pa.array(ids.ravel()[valid], pa.int64()),
-        "rank": pa.array(np.tile(np.arange(1, width + 1, dtype=np.int32), len(anchors))[valid], pa.int32()),
-        "similarity": pa.array(sims.ravel()[valid], pa.float32()),
-    })
 
 
 def convergence_report(result, options: dict) -> dict:
@@ -72,13 +53,16 @@ def convergence_report(result, options: dict) -> dict:
     }
 
 
-def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k, alpha, max_iter, tol, block_size,
+def read_truncation_features(features_path, adjacency) -> np.ndarray:
+    """The features of every graph node, checked (the Euclidean search reads them all)."""
+    features = arrays.read_features(features_path, n_items=adjacency.shape[0], mmap=True, owner="the graph")
+    check_features(features, name=str(features_path))
+    return features
+
+
+def truncated_solve(features, adjacency, anchors, truncate, sample_size, k, alpha, max_iter, tol, block_size,
                     reorder, dtype, bar):
     """Truncated diffusion for all anchors, plus its agreement with the full solve on a sample."""
-    features = artifacts.load_npy(features_path, mmap=True)
-    require(features.shape[0] == adjacency.shape[0],
-            f"{features_path}: {features.shape[0]} items, the graph has {adjacency.shape[0]} nodes")
-    check_features(features, name=str(features_path))  # every row: the Euclidean search reads them all
     neighbourhoods, _ = neighbours_of(features, anchors, truncate)
     result = truncated_manifold_neighbours(adjacency, anchors, neighbourhoods, k, alpha, max_iter, tol, dtype,
                                            progress=bar.update)
@@ -123,11 +107,10 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min
     require(tol >= 0, f"tol={tol}: must be >= 0")
     require(block_size >= 1, f"block_size={block_size}: must be at least 1")
     require(fused_min_items >= 0, f"fused_min_items={fused_min_items}: must be >= 0")
-    adjacency = artifacts.load_csr(graph_path)
-    anchors = read_anchors(anchors_path)
+    adjacency = arrays.read_adjacency(graph_path)
     n = adjacency.shape[0]
+    anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(graph_path))
     require(1 <= k < n, f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
-    require(anchors.min() >= 0 and anchors.max() < n, f"{anchors_path}: anchor ids outside 0..{n - 1}")
     require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
             "truncate, agreement_sample and threads must be >= 0")
     threads = threads or os.cpu_count() or 1
@@ -136,10 +119,11 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min
     fused = n >= fused_min_items
     log.info("block CG: %s", "fused (numba)" if fused else "scipy products")
     options = {"alpha": alpha, "max_iter": max_iter, "tol": tol, "k": k, "dtype": dtype, "truncate": truncate}
+    features = read_truncation_features(features_path, adjacency) if truncate else None
     with timed(f"diffused from {len(anchors)} anchors"), \
             tqdm(total=len(anchors), desc="diffuse", unit="anchor", leave=False) as bar:
         if truncate:
-            result, agreement = truncated_solve(features_path, adjacency, anchors, truncate, agreement_sample,
+            result, agreement = truncated_solve(features, adjacency, anchors, truncate, agreement_sample,
                                                 k, alpha, max_iter, tol, block_size, reorder, DTYPES[dtype], bar)
         else:
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,
@@ -149,7 +133,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min
         report["truncation"] = agreement
         log.info("truncated top-%d agrees with the full solve at %.3f", k, agreement["agreement_at_k"])
     out_dir = Path(out_dir)
-    artifacts.save_parquet(out_dir / "manifold_knn.parquet", manifold_table(anchors, result.ids, result.similarities))
+    tables.write_manifold_knn(out_dir / "manifold_knn.parquet", anchors, result.ids, result.similarities)
     artifacts.save_json(out_dir / "report.json", report)
     log.info("mean relative residual %.3g (max %.3g) after %.1f iterations on average",
              report["relative_residual"]["mean"], report["relative_residual"]["max"], report["iterations"]["mean"])

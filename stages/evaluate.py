@@ -1,5 +1,5 @@
 """Stage ``evaluate``: the initial features and the fine-tuned network, side by side
-(method.md section 8).
+(docs/method.md section 8).
 
 Two evaluations of the embedding, each on a held-out split that nothing was
 chosen on (labels used here only):
@@ -41,10 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
+from mom.artifacts import arrays, reports, tables  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
-from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
-from mom.imagestore import MANIFEST_NAME, ImageStore  # noqa: E402
+from mom.datasets.retrieval import PROTOCOLS, RELEVANCE_LEVELS, protocol_lists  # noqa: E402
+from mom.imagestore import ImageStore, split_written  # noqa: E402
 from stages._cli import StageCommand, require, stage_command, timed  # noqa: E402
 
 log = logging.getLogger("mom")
@@ -67,17 +68,14 @@ def fine_grained_metrics(embeddings: np.ndarray, labels: np.ndarray, ks, seed: i
 
 
 def retrieval_metrics(queries: np.ndarray, database: np.ndarray, table, protocols, precision_ks) -> dict:
-    rankings = metrics.rank_database(queries, database)
-    result = {}
+    ground_truth = {}
     for protocol in protocols:
         lists = protocol_lists(table, len(queries), protocol)
-        positives, junk = [p for p, _ in lists], [j for _, j in lists]
-        average = metrics.mean_average_precision(rankings, positives, junk)
-        entry = {"map": average["map"], "queries": average["n_queries"]}
-        precision = metrics.mean_precision_at_k(rankings, positives, junk, precision_ks)
-        entry.update({f"mp_at_{k}": value for k, value in precision.items()})
-        result[protocol] = entry
-    return result
+        ground_truth[protocol] = ([positives for positives, _ in lists], [junk for _, junk in lists])
+    scores = metrics.protocol_evaluation(metrics.rank_database(queries, database), ground_truth, precision_ks)
+    return {protocol: {"map": entry["map"], "queries": entry["n_queries"],
+                       **{f"mp_at_{k}": value for k, value in entry["mp_at_k"].items()}}
+            for protocol, entry in scores.items()}
 
 
 def protocols_in(table) -> list[str]:
@@ -130,10 +128,7 @@ def embed(net, store, mean, projection, options) -> np.ndarray:
 
 
 def load_initial(path: Path, n: int) -> np.ndarray:
-    features = artifacts.load_npy(path)
-    require(features.ndim == 2 and len(features) == n,
-            f"{path}: expected {n} rows (one per item of the split), got shape {features.shape}")
-    return features
+    return arrays.read_features(path, n_items=n, check_finite=True, owner="its split")
 
 
 
@@ -147,7 +142,7 @@ def load_initial(path: Path, n: int) -> np.ndarray:
 @click.option("--prepared", type=click.Path(path_type=Path), default="data/prepared", show_default=True)
 @click.option("--features", "features_dir", type=click.Path(path_type=Path), default="data/features", show_default=True)
 @click.option("--finetune-log", "log_path", type=click.Path(path_type=Path), default="data/finetune/live",
-              show_default=True, help="the fine-tuning log (DVCLive folder) drawn in training.png")
+              show_default=True, help="the fine-tuning log (DVCLive folder) drawn in training.png ('' = none)")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default="reports/evaluate.json",
               show_default=True, help="every number, with settings and counts")
 @click.option("--metrics", "metrics_path", default="metrics/evaluate.json", show_default=True,
@@ -172,7 +167,8 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     require(options["precision_ks"] and min(options["precision_ks"]) >= 1,
             f"precision_ks: need positive integers, got {list(options['precision_ks'])}")
     require(options["batch_size"] >= 1, f"batch_size: must be >= 1, got {options['batch_size']}")
-    proxy = artifacts.load_json(proxy_path) if proxy_path else None
+    proxy = reports.read_proxy_report(proxy_path) if proxy_path else None
+    rows = read_training_log(log_path) if str(log_path) not in ("", ".") else []
     net, extra = networks.load_checkpoint(model_path)
     options["scales"], options["aggregation"] = networks.embedding_settings(extra, options["scales"], options["aggregation"])
     mean, projection, method = whitening.load_whitening(whitening_path)
@@ -185,16 +181,19 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
+    splits = {}  # every input is read before the first embedding
     for split in EVALUATIONS:
         store = open_labeled(prepared / split)
         if store is not None:
-            result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
-                                                  ks, options)
+            splits[split] = (store, load_initial(features_dir / f"{split}.npy", len(store)))
     ground_truth = prepared / GROUND_TRUTH
-    if ground_truth.is_file():
-        result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
-    require(any(key in result for key in (*EVALUATIONS, "retrieval")),
+    retrieval = read_retrieval_inputs(prepared, features_dir, ground_truth) if ground_truth.is_file() else None
+    require(splits or retrieval is not None,
             f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
+    for split, (store, initial) in splits.items():
+        result[split] = evaluate_fine_grained(split, store, initial, networks_to_score, ks, options)
+    if retrieval is not None:
+        result["retrieval"] = evaluate_retrieval(retrieval, net, mean, projection, options)
     artifacts.save_json(report_path, result)
     if metrics_path:
         artifacts.save_json(metrics_path, headline(result, proxy))
@@ -204,7 +203,6 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
         artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:
         artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
-    rows = read_training_log(log_path)
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")
@@ -219,7 +217,7 @@ def load_start(path: Path, net) -> torch.nn.Module:
 
 def open_labeled(folder: Path) -> ImageStore | None:
     """The split's store when prepare wrote it with labels on every item, else ``None`` (logged)."""
-    if not (folder / MANIFEST_NAME).is_file():
+    if not split_written(folder):
         return None
     store = ImageStore.open(folder)
     if len(store) == 0:
@@ -234,13 +232,12 @@ def open_labeled(folder: Path) -> ImageStore | None:
     return store
 
 
-def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, options) -> dict:
+def evaluate_fine_grained(split, store, initial, networks_to_score, ks, options) -> dict:
     labels = store.labels
     classes = len(np.unique(labels))
     seed, n_init = options["kmeans_seed"], options["kmeans_n_init"]
     section = {"items": len(store), "classes": classes,
                "kmeans": metrics.kmeans_description(classes, seed, n_init)}
-    initial = load_initial(initial_path, len(store))
     with timed(f"{split}: initial features: Recall@K, NMI, F1"):
         section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
     for name, (net, mean, projection) in networks_to_score.items():
@@ -253,17 +250,26 @@ def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, opt
     return {key: section[key] for key in ("items", "classes", "kmeans", *EMBEDDINGS) if key in section}
 
 
-def evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options) -> dict:
-    table = artifacts.load_parquet(ground_truth)
+def read_retrieval_inputs(prepared, features_dir, ground_truth) -> dict:
+    """The query and database stores, the ground truth, its protocols and, when
+    extract wrote them, the initial features of both."""
     queries, database = ImageStore.open(prepared / "query"), ImageStore.open(prepared / "database")
+    table = tables.read_ground_truth(ground_truth, len(queries), len(database), RELEVANCE_LEVELS)
     protocols = protocols_in(table)
     require(protocols, f"{ground_truth}: no relevance level that any protocol counts as positive")
+    initial = None
+    if (features_dir / "query.npy").is_file() and (features_dir / "database.npy").is_file():
+        initial = (load_initial(features_dir / "query.npy", len(queries)),
+                   load_initial(features_dir / "database.npy", len(database)))
+    return {"queries": queries, "database": database, "table": table, "protocols": protocols, "initial": initial}
+
+
+def evaluate_retrieval(inputs, net, mean, projection, options) -> dict:
+    queries, database, table, protocols = (inputs[key] for key in ("queries", "database", "table", "protocols"))
     section = {"queries": len(queries), "database": len(database), "protocols": protocols}
     precision_ks = sorted(set(options["precision_ks"]))
-    if (features_dir / "query.npy").is_file() and (features_dir / "database.npy").is_file():
-        section["initial"] = retrieval_metrics(load_initial(features_dir / "query.npy", len(queries)),
-                                               load_initial(features_dir / "database.npy", len(database)),
-                                               table, protocols, precision_ks)
+    if inputs["initial"] is not None:
+        section["initial"] = retrieval_metrics(*inputs["initial"], table, protocols, precision_ks)
     with timed("embedded queries and database with the fine-tuned network"):
         query_embeddings = embed(net, queries, mean, projection, options)
         database_embeddings = embed(net, database, mean, projection, options)

@@ -1,4 +1,4 @@
-"""Stage ``extract``: initial descriptors of every split with a pretrained CNN (method.md section 1).
+"""Stage ``extract``: initial descriptors of every split with a pretrained CNN (docs/method.md section 1).
 
 Reads the image stores ``prepare`` wrote in ``<prepared>`` (``train``, ``val``,
 ``new_images``, ``new_classes``, ``query``, ``database``) and writes
@@ -33,7 +33,7 @@ from mom import artifacts, distributed
 from mom.backbones import BACKBONES, channels_of
 from mom.errors import InputError
 from mom.extraction import AGGREGATIONS, embed_store, shard_items
-from mom.imagestore import MANIFEST_NAME, ImageStore
+from mom.imagestore import ImageStore, split_written
 from mom.metrics import recall_at_k
 from mom.networks import build_network, make_meta
 from mom.pooling import POOLINGS
@@ -65,7 +65,7 @@ def validate(options: dict) -> None:
 
 def open_splits(prepared: Path) -> dict[str, ImageStore | None]:
     """The image store of every split (``None`` where prepare wrote none); train is required."""
-    stores = {split: ImageStore.open(prepared / split) if (prepared / split / MANIFEST_NAME).exists() else None
+    stores = {split: ImageStore.open(prepared / split) if split_written(prepared / split) else None
               for split in SPLITS}
     if stores["train"] is None:
         raise InputError(f"--prepared: {prepared / 'train'} holds no image store (run the prepare stage first)")

@@ -1,4 +1,4 @@
-"""Stage ``finetune``: metric learning from the mined pools (method.md section 6).
+"""Stage ``finetune``: metric learning from the mined pools (docs/method.md section 6).
 
 Reads the training images (``--train``), the pools of the ``mine`` stage
 (``--pools``) and the anchors (``--anchors``); optionally the validation split
@@ -30,7 +30,7 @@ alone writes the checkpoint and the outputs.
 there, ``model.pt`` holds CPU tensors (it loads on a CPU-only machine). That
 path was never run in this project (no GPU in its CI); ``cpu`` is the tested one.
 
-HDML (method.md section 10): ``--synthesis hdml`` adds hardness-aware synthetic
+HDML (docs/method.md section 10): ``--synthesis hdml`` adds hardness-aware synthetic
 negatives to the training (generator and softmax state in the checkpoint).
 ``--supervision`` says where the tuples' classes come from: ``none`` (MoM's
 mined pools, no labels; HDML's ``J_soft`` off), ``kmeans`` (mined pools; HDML's
@@ -51,10 +51,10 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pyarrow as pa
 import torch
 
 from mom import artifacts, distributed, extraction, hdml, metrics, networks, training, tuples
+from mom.artifacts import tables
 from mom.training_log import write_training_log
 from mom.errors import InputError
 from mom.imagestore import ImageStore
@@ -98,25 +98,13 @@ def run_fingerprint(options: dict, inputs: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def read_pools(path: Path, n_train: int):
-    table = artifacts.load_parquet(path)
-    missing = [name for name in POOL_COLUMNS if name not in table.column_names]
-    require(not missing, f"{path}: missing columns {missing} (expected {list(POOL_COLUMNS)})")
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in POOL_COLUMNS}
-    require(len(table) > 0, f"{path}: no pool members (run the mine stage)")
-    for name in ("anchor", "member"):
-        ids = columns[name]
-        require(ids.min() >= 0 and ids.max() < n_train,
-                f"{path}: column {name} has ids outside 0..{n_train - 1} of the train split")
+def read_pools(path: Path, n_train: int, anchor_ids: np.ndarray):
+    """The mined pools as training tuples' source (every pool anchor one of ``anchor_ids``)."""
+    columns = tables.pool_columns(tables.read_pools(path, n_items=n_train, anchors=anchor_ids))
     try:
-        return build_pools(**columns)
+        return build_pools(**{name: columns[name] for name in POOL_COLUMNS})
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
-
-
-def read_anchor_ids(path: Path) -> np.ndarray:
-    table = artifacts.load_parquet(path, columns=["item"])
-    return table.column("item").to_numpy()
 
 
 def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
@@ -169,7 +157,7 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda[:N] (under torchrun with cuda: each process its LOCAL_RANK's GPU).")
 @click.option("--synthesis", default="none", show_default=True,
-              help="none | hdml (hardness-aware synthetic negatives, method.md section 10)")
+              help="none | hdml (hardness-aware synthetic negatives, docs/method.md section 10)")
 @click.option("--hdml_alpha", type=float, default=7.0, show_default=True, help="HDML pulling factor alpha.")
 @click.option("--hdml_beta", type=float, default=5e3, show_default=True, help="HDML synthetic weight scale beta.")
 @click.option("--hdml_lambda", type=float, default=0.5, show_default=True, help="Weight of J_soft in J_gen.")
@@ -308,17 +296,14 @@ def check_hdml_options(synthesis, supervision, loss, weighted, head_dim, pseudo_
 
 def read_mined_pools(pools_path: Path, anchors_path: Path, n_train: int, weighted: bool):
     """MoM's pools (weights rescaled to mean 1 when ``weighted``) and that scale."""
-    pools = read_pools(pools_path, n_train)
+    anchor_ids = tables.read_anchors(anchors_path, n_items=n_train, owner="the train split")
+    pools = read_pools(pools_path, n_train, anchor_ids)
     weight_scale = None
     if weighted:
         try:
             pools, weight_scale = unit_mean_weights(pools)
         except ValueError as error:
             raise InputError(f"{pools_path}: {error}; train with --no-weighted (baseline pools)") from None
-    anchor_ids = read_anchor_ids(anchors_path)
-    unknown = np.setdiff1d(pools.anchors, anchor_ids)
-    require(len(unknown) == 0, f"{pools_path}: {len(unknown)} pool anchors are not in {anchors_path} (first: "
-            f"{unknown[0] if len(unknown) else ''}); rerun mine after anchors")
     return pools, weight_scale
 
 

@@ -1,4 +1,4 @@
-"""Stage ``graph``: the reciprocal kNN graph of the training features (method.md section 2).
+"""Stage ``graph``: the reciprocal kNN graph of the training features (docs/method.md section 2).
 
 Reads ``--features`` (``float32 (n, d)``, l2-normalized). Writes to ``--out-dir``:
 ``adjacency.npz`` (scipy CSR, symmetric, zero diagonal, ``a_ij = [y_i.y_j]_+^gamma``
@@ -23,27 +23,16 @@ from pathlib import Path
 import click
 import faiss
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from mom import artifacts
+from mom.artifacts import arrays, tables
 from mom.graph import (SEARCH_DEVICES, SEARCH_METHODS, SearchSettings, check_features, check_k, graph_report,
                        knn_search, method_device, neighbours_per_item, reciprocal_graph, resolve_search_device,
                        search_recall, visible_gpus)
 from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
-
-
-def knn_table(ids: np.ndarray, sims: np.ndarray) -> pa.Table:
-    n, width = ids.shape
-    valid = ids >= 0
-    return pa.table({
-        "item": pa.array(np.repeat(np.arange(n, dtype=np.int64), width)[valid.ravel()], pa.int64()),
-        "neighbour": pa.array(ids[valid], pa.int64()),
-        "rank": pa.array(np.tile(np.arange(1, width + 1, dtype=np.int32), n)[valid.ravel()], pa.int32()),
-        "similarity": pa.array(sims[valid].astype(np.float32), pa.float32()),
-    })
 
 
 @click.command(cls=StageCommand)
@@ -84,7 +73,7 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
     require(recall_sample >= 0 and threads >= 0 and exact_max_items >= 0,
             "recall_sample, threads and exact_max_items must be >= 0")
     device = resolve_search_device(device, visible_gpus())
-    features = artifacts.load_npy(features_path, mmap=True)
+    features = arrays.read_features(features_path, mmap=True)
     with timed("checked features"):
         check_features(features, name=str(features_path))
     n = features.shape[0]
@@ -113,8 +102,8 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
         log.info("recall@%d of %s search: %.4f", ids.shape[1], method, report["search"]["recall_at_k"])
     out_dir = Path(out_dir)
     with timed("wrote graph"):
-        artifacts.save_csr(out_dir / "adjacency.npz", adjacency)
-        artifacts.save_parquet(out_dir / "knn.parquet", knn_table(ids, sims))
+        arrays.write_adjacency(out_dir / "adjacency.npz", adjacency)
+        tables.write_knn(out_dir / "knn.parquet", ids, sims)
         artifacts.save_json(out_dir / "report.json", report)
     log.info("%d edges, %d isolated nodes, %d components", report["edges"], report["isolated_nodes"],
              report["components"]["count"])

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from mom import artifacts, extraction, networks, search, whitening
+from mom.artifacts import arrays, reports
 from mom.backbones import BACKBONES
-from mom.imagestore import MANIFEST_NAME, ImageStore
+from mom.imagestore import ImageStore, split_written
 from mom.pooling import POOLINGS
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -55,7 +56,7 @@ def open_splits(prepared: Path, names) -> dict[str, ImageStore]:
     """The non-empty image stores among ``names``, in that order; a log line for each one skipped."""
     stores = {}
     for name in names:
-        if not (prepared / name / MANIFEST_NAME).is_file():
+        if not split_written(prepared / name):
             log.info("%s: not in %s, skipped", name, prepared)
         elif len(store := ImageStore.open(prepared / name)) == 0:
             log.info("%s: no items, skipped", name)
@@ -68,24 +69,18 @@ def open_splits(prepared: Path, names) -> dict[str, ImageStore]:
 def extract_scales(features_dir: Path, options: dict) -> list[int]:
     """The scales ``extract`` used, from its report, after checking its network is the one named by the options."""
     path = features_dir / "report.json"
-    recorded = artifacts.load_json(path)
+    recorded = reports.read_extract_report(path)
     for key in ("backbone", "pooling"):
         require(recorded.get(key) == options[key], f"{path}: features extracted with {key} {recorded.get(key)!r}, "
                                                    f"the options say {options[key]!r} (rerun extract)")
-    scales = recorded.get("scales")
-    require(isinstance(scales, list) and scales and all(isinstance(s, int) and s >= 1 for s in scales),
-            f"{path}: no valid 'scales' list (rerun extract)")
-    return scales
+    return recorded["scales"]
 
 
 def initial_features(features_dir: Path, stores: dict[str, ImageStore]) -> np.ndarray:
     parts = []
     for name, store in stores.items():
         path = features_dir / f"{name}.npy"
-        features = artifacts.load_npy(path)
-        require(features.ndim == 2 and len(features) == len(store),
-                f"{path}: expected {len(store)} rows (one per item of {name}), got shape {features.shape} (rerun extract)")
-        parts.append(features)
+        parts.append(arrays.read_features(path, n_items=len(store), check_finite=True, owner=f"split {name}"))
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 

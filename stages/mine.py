@@ -1,4 +1,4 @@
-"""Stage ``mine``: positive and negative pools of every anchor (method.md section 5).
+"""Stage ``mine``: positive and negative pools of every anchor (docs/method.md section 5).
 
 Reads ``--features`` (for the anchors' exact Euclidean neighbours, up to
 ``k_neg``), ``--anchors``, ``--manifold`` (``manifold_knn.parquet`` of diffuse,
@@ -23,62 +23,32 @@ from pathlib import Path
 
 import click
 import numpy as np
-import pyarrow as pa
 
 from mom import artifacts
+from mom.artifacts import arrays, tables
 from mom.graph import check_features, neighbours_of
 from mom.imagestore import ImageStore
-from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, pair_inner_products, stored_similarities, euclidean_positives, manifold_negatives,
-                       manifold_positives, pool_purity, pool_stats, random_negatives)
+from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, pair_inner_products, pool_purity, pool_stats,
+                       pool_variants, select_pools, stored_similarities)
 from stages._cli import StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
 
-def read_anchor_items(path) -> np.ndarray:
-    items = artifacts.load_parquet(path, columns=["item"]).column("item").to_numpy()
-    require(len(items) > 0, f"{path}: no anchors")
-    return items
-
-
-def read_manifold(path, anchors: np.ndarray) -> tuple[np.ndarray, dict]:
-    """(anchors, depth) manifold neighbour ids padded with -1, and {(anchor, member): s_m}."""
-    table = artifacts.load_parquet(path, columns=["anchor", "neighbour", "rank", "similarity"])
-    anchor = table.column("anchor").to_numpy()
-    neighbour = table.column("neighbour").to_numpy()
-    rank = table.column("rank").to_numpy().astype(np.int64)
-    similarity = table.column("similarity").to_numpy()
-    sorter = np.argsort(anchors)
-    found = np.minimum(np.searchsorted(anchors[sorter], anchor), len(anchors) - 1)
-    rows = sorter[found]
-    require((anchors[rows] == anchor).all(), f"{path}: rows for anchors not in the anchor list (rerun diffuse)")
-    depth = int(rank.max()) if len(rank) else 0
-    ids = np.full((len(anchors), depth), -1, dtype=np.int64)
-    values = np.zeros((len(anchors), depth), dtype=np.float32)
-    ids[rows, rank - 1] = neighbour
-    values[rows, rank - 1] = similarity
-    return ids, values
-
-
-def pools_table(anchors, features, manifold_ids, manifold_values, positive, negative) -> pa.Table:
+def write_pools(path, anchors, features, manifold_ids, manifold_values, positive, negative) -> None:
+    """Both pools as ``pools.parquet`` rows: anchors in rank order, positives first, members by rank."""
     parts = []
     for kind, pool in (("positive", positive), ("negative", negative)):
         anchor_ids = anchors[pool.anchor_row]
         euclidean = pair_inner_products(features, anchor_ids, pool.member)
         manifold, found = stored_similarities(pool.anchor_row, pool.member, manifold_ids, manifold_values)
-        parts.append((pool.anchor_row, 0 if kind == "positive" else 1, pa.table({
-            "anchor": pa.array(anchor_ids, pa.int64()),
-            "member": pa.array(pool.member, pa.int64()),
-            "kind": pa.array([kind] * len(pool.member), pa.string()),
-            "rank": pa.array(pool.rank, pa.int32()),
-            "manifold_similarity": pa.array(manifold, pa.float32(), mask=~found),
-            "euclidean_similarity": pa.array(euclidean.astype(np.float32), pa.float32()),
-        })))
-    table = pa.concat_tables([part[2] for part in parts])
-    rows = np.concatenate([part[0] for part in parts])
-    kinds = np.concatenate([np.full(len(part[0]), part[1]) for part in parts])
-    ranks = table.column("rank").to_numpy()
-    return table.take(pa.array(np.lexsort((ranks, kinds, rows))))
+        parts.append({"row": pool.anchor_row, "kind_order": np.full(len(pool.member), 0 if kind == "positive" else 1),
+                      "anchor": anchor_ids, "member": pool.member, "kind": np.full(len(pool.member), kind, dtype=object),
+                      "rank": pool.rank, "manifold_similarity": manifold, "found": found,
+                      "euclidean_similarity": euclidean.astype(np.float32)})
+    rows = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    order = np.lexsort((rows["rank"], rows["kind_order"], rows["row"]))
+    tables.write_pools(path, {name: values[order] for name, values in rows.items()}, rows["found"][order])
 
 
 def read_labels(prepared) -> np.ndarray | None:
@@ -115,13 +85,13 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
     for name, value in (("k_pos", k_pos), ("k_neg", k_neg), ("positive_cap", positive_cap),
                         ("negative_cap", negative_cap), ("baseline_k", baseline_k)):
         require(value >= 1, f"{name}={value}: must be at least 1")
-    features = artifacts.load_npy(features_path, mmap=True)
+    features = arrays.read_features(features_path, mmap=True)
     n = features.shape[0]
     k_neg_used = min(k_neg, n // 2)
     require(k_pos < n and baseline_k < n, f"k_pos={k_pos}, baseline_k={baseline_k}: must be below the item count {n}")
-    anchors = read_anchor_items(anchors_path)
-    require(anchors.max() < n, f"{anchors_path}: anchor ids beyond the {n} items of {features_path}")
-    manifold_ids, manifold_values = read_manifold(manifold_path, anchors)
+    anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(features_path))
+    manifold = tables.read_manifold_knn(manifold_path, n_items=n, anchors=anchors, owner=str(features_path))
+    manifold_ids, manifold_values = tables.manifold_neighbour_matrix(manifold_path, manifold, anchors)
     depth = max(k_pos, k_neg_used)
     require(manifold_ids.shape[1] >= depth,
             f"{manifold_path}: at most {manifold_ids.shape[1]} manifold neighbours per anchor, mine needs {depth} "
@@ -135,14 +105,9 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
     with timed(f"searched {depth} Euclidean neighbours of {len(anchors)} anchors"):
         euclidean_ids, _ = neighbours_of(features, anchors, max(depth, baseline_k))
     with timed("built pools"):
-        variants = {
-            "manifold_positives": manifold_positives(manifold_ids, euclidean_ids, k_pos, positive_cap),
-            "euclidean_positives": euclidean_positives(euclidean_ids, baseline_k),
-            "manifold_negatives": manifold_negatives(manifold_ids, euclidean_ids, k_neg_used, negative_cap),
-            "random_negatives": random_negatives(anchors, euclidean_ids, n, baseline_k, negative_cap, seed),
-        }
-    positive = variants[f"{positives}_positives"]
-    negative = variants[f"{negatives}_negatives"]
+        variants = pool_variants(anchors, manifold_ids, euclidean_ids, n, k_pos, k_neg_used, positive_cap,
+                                 negative_cap, baseline_k, seed)
+    positive, negative = select_pools(positives, negatives, variants)
     report = {"written": {"positives": positives, "negatives": negatives},
               "anchors": int(len(anchors)), "k_pos": k_pos, "k_neg": k_neg_used,
               "labelled_items": int((labels >= 0).sum()) if labels is not None else 0}
@@ -152,8 +117,7 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
             report[name].update(pool_purity(anchors, pool, labels, same_label=name.endswith("positives")))
     out_dir = Path(out_dir)
     with timed("wrote pools"):
-        artifacts.save_parquet(out_dir / "pools.parquet",
-                               pools_table(anchors, features, manifold_ids, manifold_values, positive, negative))
+        write_pools(out_dir / "pools.parquet", anchors, features, manifold_ids, manifold_values, positive, negative)
         artifacts.save_json(out_dir / "purity.json", report)
     for name in variants:
         log.info("%s: %.1f per anchor, purity %s", name, report[name]["mean_per_anchor"],

@@ -1,4 +1,4 @@
-"""Stage ``pool_figure``: the paper's qualitative figure of the pools (method.md section 5).
+"""Stage ``pool_figure``: the paper's qualitative figure of the pools (docs/method.md section 5).
 
 Reads the train split's images (``--train``, labels for the borders only) and
 the pools of two cells of the Table 1 grid: ``ours`` (a manifold variant: P+ /
@@ -15,28 +15,18 @@ from pathlib import Path
 
 import click
 import matplotlib.pyplot as plt
-import numpy as np
 
 from mom import artifacts
+from mom.artifacts import tables
 from mom.figures import choose_anchors, pools_figure
 from mom.imagestore import ImageStore
 from stages._cli import StageCommand, require, stage_command
 
 log = logging.getLogger("mom")
 
-POOL_COLUMNS = ("anchor", "member", "kind", "rank")
-
-
 def read_pools(path: Path, n_items: int, option: str):
-    where = f"--{option}: {path}"
-    require(path.is_file(), f"{where}: file not found (run the grid's mine stage of that cell)")
-    table = artifacts.load_parquet(path)
-    missing = [name for name in POOL_COLUMNS if name not in table.column_names]
-    require(not missing, f"{where}: missing columns {missing} (expected {list(POOL_COLUMNS)})")
-    require(len(table) > 0, f"{where}: no pool members, expected at least one")
-    ids = np.concatenate([table.column(name).to_numpy() for name in ("anchor", "member")])
-    require(ids.min() >= 0 and ids.max() < n_items, f"{where}: ids outside 0..{n_items - 1} of the train split")
-    return table
+    require(path.is_file(), f"--{option}: {path}: file not found (run the grid's mine stage of that cell)")
+    return tables.read_pools(path, n_items=n_items)
 
 
 def cell_pools_path(grid_dir: Path, cell: str, option: str) -> Path:

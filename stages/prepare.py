@@ -11,7 +11,6 @@ reason, the source's protocol notes).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -23,14 +22,11 @@ from tqdm import tqdm
 
 from mom import artifacts
 from mom.datasets import PreparedDataset
+from mom.datasets.benchmarks import RETRIEVAL_SOURCES, prepare_retrieval
 from mom.datasets.cars import prepare_cars
 from mom.datasets.cub import prepare_cub
 from mom.datasets.fashion_mnist import prepare_fashion_mnist
 from mom.datasets.folder import prepare_folder
-from mom.datasets.holidays import prepare_holidays
-from mom.datasets.instre import prepare_instre
-from mom.datasets.oxford_classic import prepare_classic
-from mom.datasets.revisited import prepare_revisited
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
@@ -39,14 +35,6 @@ from stages._cli import StageCommand, require, stage_command, timed
 log = logging.getLogger("mom")
 
 CATEGORY_SOURCES = {"cub": prepare_cub, "cars196": prepare_cars, "sop": prepare_sop}
-RETRIEVAL_SOURCES = {
-    "roxford5k": functools.partial(prepare_revisited, name="roxford5k"),
-    "rparis6k": functools.partial(prepare_revisited, name="rparis6k"),
-    "oxford5k": functools.partial(prepare_classic, name="oxford5k"),
-    "paris6k": functools.partial(prepare_classic, name="paris6k"),
-    "holidays": prepare_holidays,
-    "instre": prepare_instre,
-}
 SOURCES = ("fashion-mnist", "folder", *CATEGORY_SOURCES, *RETRIEVAL_SOURCES)
 # Split folders any source may write; those the chosen source does not write
 # are removed so a previous run's splits never linger beside the new ones.
@@ -97,7 +85,7 @@ def load_source(options: dict) -> PreparedDataset:
     if source in CATEGORY_SOURCES:
         return CATEGORY_SOURCES[source](options["root"], download=options["download"], **_file_options(options))
     if source in RETRIEVAL_SOURCES:
-        return RETRIEVAL_SOURCES[source](options["root"], **_file_options(options), **_retrieval_options(options))
+        return prepare_retrieval(source, options["root"], **_file_options(options), **_retrieval_options(options))
     raise InputError(f"source: unknown source {source!r}; allowed: {', '.join(SOURCES)}")
 
 

@@ -41,7 +41,7 @@ from mom import artifacts, distributed, extraction, networks, whitening
 from mom import proxy_retrieval as proxy
 from mom.augment import LEVELS
 from mom.backbones import BACKBONES
-from mom.imagestore import MANIFEST_NAME, ImageStore
+from mom.imagestore import ImageStore, split_written
 from mom.pooling import POOLINGS
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -80,7 +80,7 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
 
 def open_split(path: Path, objects: int) -> ImageStore | None:
     """The split's image store, or ``None`` (logged) when prepare wrote none or it is too small."""
-    if not (path / MANIFEST_NAME).is_file():
+    if not split_written(path):
         log.info("%s: prepare wrote no such split; skipped", path)
         return None
     store = ImageStore.open(path)

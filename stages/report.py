@@ -1,4 +1,4 @@
-"""Stage ``report``: the paper's Table 1 from the grid's cells (method.md section 9).
+"""Stage ``report``: the paper's Table 1 from the grid's cells (docs/method.md section 9).
 
 The cells are those the ``grid`` section of ``--params`` lists (``rows`` x
 ``seeds``), never the files found on disk: a stale cell left in
@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import yaml
 
 from mom import artifacts
+from mom.artifacts import reports
 from mom.report import build_table, cell_name, to_dict, to_figure, to_markdown
 from stages._cli import StageCommand, require, stage_command
 
@@ -55,13 +56,13 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
         cell = cell_name(row, seed)
         path = metrics_dir / f"{cell}.json"
         require(path.is_file(), f"{path}: missing: cell {cell} has not been evaluated (run the grid: bash scripts/repro.sh ablations/dvc.yaml; stage grid_evaluate)")
-        evaluations[cell] = artifacts.load_json(path)
+        evaluations[cell] = reports.read_evaluation_report(path)
         purity = grid_dir / cell / "mine" / "purity.json"
         if purity.is_file():
-            purities[cell] = artifacts.load_json(purity)
+            purities[cell] = reports.read_purity_report(purity)
         proxy = proxy_dir / f"{cell}.json"
         if proxy.is_file():
-            proxies[cell] = artifacts.load_json(proxy)
+            proxies[cell] = reports.read_proxy_report(proxy)
     return evaluations, purities, proxies
 
 
@@ -83,7 +84,7 @@ def main(params_path, metrics_dir, grid_dir, proxy_dir, start_path, markdown_pat
     """Table 1 from the grid's cells, as Markdown, PNG and JSON."""
     names, seeds = read_grid(params_path)
     evaluations, purities, proxies = read_cells(names, seeds, metrics_dir, grid_dir, proxy_dir)
-    start = artifacts.load_json(start_path) if str(start_path) not in ("", ".") else None
+    start = reports.read_evaluation_report(start_path) if str(start_path) not in ("", ".") else None
     table = build_table(names, seeds, evaluations, purities, proxies, start)
     markdown = to_markdown(table, f"**{TITLE}**")
     artifacts.save_text(markdown_path, markdown)

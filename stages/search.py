@@ -32,6 +32,7 @@ import click
 import numpy as np
 
 from mom import artifacts, search
+from mom.artifacts import reports
 from mom.datasets.images import RejectedImage, decode_image
 from mom.errors import InputError
 from mom.imagestore import ImageStore
@@ -40,7 +41,6 @@ from stages._cli import StageCommand, require, stage_command
 log = logging.getLogger("mom")
 
 EMBED_BATCH = 64  # query files embedded together
-SUMMARY_KEYS = ("items", "splits", "max_side", "finetuned", "initial")
 EMBEDDINGS = (("finetuned", "fine-tuned"), ("initial", "initial features"))
 NO_PCA_WHITENING = ("extract.pca_whiten is on and extract does not save its PCA whitening, "
                     "so a query file cannot be put in the initial features' space")
@@ -60,13 +60,7 @@ class Query:
 def load_summary(index_dir: Path) -> dict:
     path = index_dir / "index.json"
     require(path.is_file(), f"{path}: not found; build the index first (dvc repro index)")
-    try:
-        summary = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not readable JSON ({error}); rerun the index stage") from None
-    missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
-    require(not missing, f"{path}: missing keys {missing} (rerun the index stage)")
-    return summary
+    return reports.read_index_summary(path)
 
 
 def parse_item(text: str, splits: dict[str, int]) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""Stage ``whiten``: learn a whitening of the fine-tuned descriptors (method.md section 7).
+"""Stage ``whiten``: learn a whitening of the fine-tuned descriptors (docs/method.md section 7).
 
 Embeds the ``train`` split with the fine-tuned network (``--model``) and learns
 ``pca`` (PCA whitening, no pairs) or ``lw`` (learned whitening from matching
@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from mom import artifacts, extraction, networks, whitening
+from mom.artifacts import tables
 from mom.imagestore import ImageStore
 from stages._cli import StageCommand, require, stage_command, timed
 
@@ -26,17 +27,12 @@ METHODS = ("pca", "lw", "none")
 
 def matching_pairs(path: Path, max_rank: int, n_train: int) -> np.ndarray:
     """``(m, 2)`` pairs (anchor, manifold neighbour of rank <= max_rank)."""
-    table = artifacts.load_parquet(path)
-    missing = [c for c in ("anchor", "neighbour", "rank") if c not in table.column_names]
-    require(not missing, f"{path}: missing columns {missing} (expected anchor, neighbour, rank)")
+    table = tables.read_manifold_knn(path, n_items=n_train, owner="the train split")
     anchor, neighbour, rank = (table.column(c).to_numpy() for c in ("anchor", "neighbour", "rank"))
     keep = (rank <= max_rank) & (anchor != neighbour)
     pairs = np.stack([anchor[keep], neighbour[keep]], axis=1).astype(np.int64)
     require(len(pairs) > 0, f"{path}: no manifold neighbour of rank <= {max_rank}: no pair to learn Lw from")
-    require(pairs.min() >= 0 and pairs.max() < n_train, f"{path}: ids outside 0..{n_train - 1} of the train split")
     return pairs
-
-
 
 
 @click.command(cls=StageCommand)

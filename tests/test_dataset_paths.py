@@ -22,10 +22,7 @@ from mom.datasets.annotations import confined_paths
 from mom.datasets.cars import prepare_cars
 from mom.datasets.cub import prepare_cub
 from mom.datasets.folder import prepare_folder
-from mom.datasets.holidays import prepare_holidays
-from mom.datasets.instre import prepare_instre
-from mom.datasets.oxford_classic import prepare_classic
-from mom.datasets.revisited import prepare_revisited
+from mom.datasets.benchmarks import prepare_retrieval
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 
@@ -70,7 +67,7 @@ def make_revisited(root, escape, secret, where="imlist"):
     imlist, qimlist = (["a", entry], ["q"]) if where == "imlist" else (["a"], [entry])
     gnd = [{"bbx": [0, 0, 4, 4], "easy": [0], "hard": [], "junk": []}]
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    return lambda: prepare_revisited(root, "roxford5k"), "gnd_roxford5k.pkl"
+    return lambda: prepare_retrieval("roxford5k", root), "gnd_roxford5k.pkl"
 
 
 def make_revisited_query(root, escape, secret):
@@ -87,7 +84,7 @@ def make_revisited_mat(root, escape, secret):
     gnd[0, 0] = (np.array([[0.0, 0.0, 4.0, 4.0]]), np.array([[1]]), np.zeros((1, 0)), np.zeros((1, 0)))
     cell = lambda names: np.array([names], dtype=object)  # noqa: E731 - a 1xN MATLAB cell
     scipy.io.savemat(root / "gnd_roxford5k.mat", {"imlist": cell(["a", entry]), "qimlist": cell(["q"]), "gnd": gnd})
-    return lambda: prepare_revisited(root, "roxford5k"), "gnd_roxford5k.mat"
+    return lambda: prepare_retrieval("roxford5k", root), "gnd_roxford5k.mat"
 
 
 def make_instre(root, escape, secret):
@@ -99,7 +96,7 @@ def make_instre(root, escape, secret):
     cell = lambda names: np.array([names], dtype=object)  # noqa: E731 - a 1xN MATLAB cell
     scipy.io.savemat(root / "gnd_instre.mat", {"imlist": cell(["S1/a.jpg", entry]), "qimlist": cell(["S1/q.jpg"]),
                                                "gnd": gnd})
-    return lambda: prepare_instre(root), "gnd_instre.mat"
+    return lambda: prepare_retrieval("instre", root), "gnd_instre.mat"
 
 
 def make_cub(root, escape, secret):
@@ -177,7 +174,7 @@ def test_symlinked_images_that_leave_the_root_are_refused(tmp_path, source):
     if source == "holidays":
         _image(images / "100000.jpg")
         os.symlink(secret, images / "100001.jpg")
-        prepare = lambda: prepare_holidays(images.parent)  # noqa: E731
+        prepare = lambda: prepare_retrieval("holidays", images.parent)  # noqa: E731
     else:
         _image(images / "all_souls_000001.jpg")
         os.symlink(secret, images / "all_souls_000002.jpg")
@@ -186,7 +183,7 @@ def test_symlinked_images_that_leave_the_root_are_refused(tmp_path, source):
         (gt / "all_souls_1_query.txt").write_text("oxc1_all_souls_000001 0 0 4 4\n")
         for level in ("good", "ok", "junk"):
             (gt / f"all_souls_1_{level}.txt").write_text("")
-        prepare = lambda: prepare_classic(images.parent, "oxford5k")  # noqa: E731
+        prepare = lambda: prepare_retrieval("oxford5k", images.parent)  # noqa: E731
     with pytest.raises(InputError, match=rf"the folder listing of .*jpg lists '.*', which resolves outside"):
         prepare()
 

@@ -6,9 +6,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mom import artifacts
-from mom.datasets.holidays import load_holidays, prepare_holidays
+from mom.datasets.benchmarks import prepare_retrieval
+from mom.datasets.holidays import load_holidays
 from mom.datasets.instre import load_instre
-from mom.datasets.oxford_classic import load_classic, prepare_classic
+from mom.datasets.oxford_classic import load_classic
 from mom.datasets.retrieval import ground_truth_table, protocol_lists
 from mom.errors import InputError
 from mom.imagestore import ImageStore
@@ -104,13 +105,13 @@ def test_holidays_groups_queries_and_junk_self(tmp_path):
     table = ground_truth_table(benchmark.relevance, 3, 6)
     lists = protocol_lists(table, 3, "positive")
     assert [(p.tolist(), j.tolist()) for p, j in lists] == [([1, 2], [0]), ([], [3]), ([5], [4])]
-    dataset = prepare_holidays(tmp_path, max_side=8)
+    dataset = prepare_retrieval("holidays", tmp_path, max_side=8)
     assert dataset.info["queries"] == 3 and dataset.info["full_set"] is False
     (tmp_path / "jpg" / "100300_rotated.jpg").write_bytes(b"")
     with pytest.raises(InputError, match="six digits"):
         load_holidays(tmp_path)
     with pytest.raises(InputError, match="download: INRIA Holidays has no stable"):
-        prepare_holidays(tmp_path, download=True)
+        prepare_retrieval("holidays", tmp_path, download=True)
 
 
 def test_holidays_group_without_query_is_an_error(tmp_path):
@@ -165,4 +166,4 @@ def test_classic_download_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(oxford_classic, "ARCHIVES", {"oxford5k": {"gt": ["http://127.0.0.1:9/gt_files_170407.tgz"]}})
     (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  gt_files_170407.tgz\n")
     with pytest.raises(InputError, match="download: cannot fetch http://127.0.0.1:9/gt_files_170407.tgz"):
-        prepare_classic(tmp_path, "oxford5k", download=True)
+        prepare_retrieval("oxford5k", tmp_path, download=True)

@@ -8,7 +8,7 @@ from PIL import Image
 from mom import artifacts
 from mom.datasets import revisited
 from mom.datasets.retrieval import PROTOCOLS, protocol_lists
-from mom.datasets.revisited import prepare_revisited
+from mom.datasets.benchmarks import prepare_retrieval
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
 from stages.prepare import main
@@ -45,7 +45,7 @@ def _write(dataset, folder):
 
 def test_splits_crops_and_ground_truth(tmp_path):
     imlist, qimlist = _make_revisited(tmp_path / "roxford5k")
-    dataset = prepare_revisited(tmp_path / "roxford5k", "roxford5k", max_side=0)
+    dataset = prepare_retrieval("roxford5k", tmp_path / "roxford5k", max_side=0)
     stores = _write(dataset, tmp_path / "out")
     database, query = stores["database"], stores["query"]
     assert database.origins == [f"jpg/{im}.jpg" for im in imlist]
@@ -66,7 +66,7 @@ def test_splits_crops_and_ground_truth(tmp_path):
 
 def test_easy_medium_hard_lists(tmp_path):
     _make_revisited(tmp_path / "r")
-    table = prepare_revisited(tmp_path / "r", "roxford5k").ground_truth
+    table = prepare_retrieval("roxford5k", tmp_path / "r").ground_truth
     lists = {protocol: protocol_lists(table, 2, protocol) for protocol in ("easy", "medium", "hard")}
     as_lists = {p: [(pos.tolist(), junk.tolist()) for pos, junk in v] for p, v in lists.items()}
     assert as_lists["easy"] == [([0, 2], [1, 5]), ([], [3, 4])]
@@ -87,7 +87,7 @@ def test_distractors_and_train_root(tmp_path):
     train = tmp_path / "train"
     train.mkdir()
     Image.fromarray(_pattern(200)).save(train / "t.png")
-    dataset = prepare_revisited(tmp_path / "r", "rparis6k", distractors_root=tmp_path / "revisitop1m",
+    dataset = prepare_retrieval("rparis6k", tmp_path / "r", distractors_root=tmp_path / "revisitop1m",
                                 train_root=train, max_side=16)
     stores = _write(dataset, tmp_path / "out")
     assert len(stores["database"]) == 6 + 3
@@ -100,20 +100,20 @@ def test_distractors_and_train_root(tmp_path):
 
 def test_bad_ground_truth_files(tmp_path):
     with pytest.raises(InputError, match=r"gnd_roxford5k.pkl \(or .mat\) not found"):
-        prepare_revisited(tmp_path, "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path)
     _make_revisited(tmp_path / "a", gnd=[{"bbx": [0, 0, 5, 5], "easy": [6], "hard": [], "junk": []}] * 2)
     with pytest.raises(InputError, match=r"gnd\[0\]\['easy'\]: indices must be integers in 0..5"):
-        prepare_revisited(tmp_path / "a", "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path / "a")
     _make_revisited(tmp_path / "b", gnd=[{"bbx": [5, 0, 5, 5], "easy": [], "hard": [], "junk": []}] * 2)
     with pytest.raises(InputError, match="bounding box"):
-        prepare_revisited(tmp_path / "b", "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path / "b")
     _make_revisited(tmp_path / "c", gnd=[{"bbx": [0, 0, 5, 5], "easy": [1], "hard": [1], "junk": []}] * 2)
     with pytest.raises(InputError, match="under two levels"):
-        prepare_revisited(tmp_path / "c", "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path / "c")
     _make_revisited(tmp_path / "d")
     (tmp_path / "d" / "jpg" / "all_souls_000003.jpg").unlink()
     with pytest.raises(InputError, match="1 of 6 database images are missing, first: .*all_souls_000003.jpg"):
-        prepare_revisited(tmp_path / "d", "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path / "d")
 
 
 class _Exploit:
@@ -125,7 +125,7 @@ class _Exploit:
 def test_a_ground_truth_pickle_that_runs_code_is_refused(tmp_path):
     _make_revisited(tmp_path / "e", gnd=[_Exploit(), _Exploit()])
     with pytest.raises(InputError, match=r"gnd_roxford5k.pkl: refusing (STACK_)?GLOBAL at byte \d+: global posix.system"):
-        prepare_revisited(tmp_path / "e", "roxford5k")
+        prepare_retrieval("roxford5k", tmp_path / "e")
 
 
 def test_download_offline_is_one_clear_error(tmp_path, monkeypatch):
@@ -133,7 +133,7 @@ def test_download_offline_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "roxford5k").mkdir()
     (tmp_path / "roxford5k" / "SHA256SUMS").write_text(f"{'0' * 64}  gnd_roxford5k.pkl\n")
     with pytest.raises(InputError, match=r"download: cannot fetch http://127.0.0.1:9/roxford5k/gnd_roxford5k.pkl .*offline\?"):
-        prepare_revisited(tmp_path / "roxford5k", "roxford5k", download=True)
+        prepare_retrieval("roxford5k", tmp_path / "roxford5k", download=True)
     assert not list((tmp_path / "roxford5k").glob("*.part"))
 
 

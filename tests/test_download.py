@@ -15,7 +15,7 @@ from PIL import Image
 
 from mom.datasets import cub, download, oxford_classic, revisited
 from mom.datasets.download import Pin, fetch
-from mom.datasets.revisited import prepare_revisited
+from mom.datasets.benchmarks import prepare_retrieval
 from mom.errors import InputError
 
 
@@ -131,7 +131,7 @@ def test_revisited_download_verifies_the_ground_truth_before_reading_it(tmp_path
     root = tmp_path / "roxford5k"
     root.mkdir()
     (root / "SHA256SUMS").write_text(f"{_sha256(good)}  gnd_roxford5k.pkl\n{_sha256(archive)}  oxbuild_images.tgz\n")
-    dataset = prepare_revisited(root, "roxford5k", download=True)
+    dataset = prepare_retrieval("roxford5k", root, download=True)
     assert dataset.info["queries"] == 1 and sorted(p.name for p in (root / "jpg").iterdir()) == ["a.jpg", "b.jpg", "q.jpg"]
     assert not (root / "oxbuild_images.tgz").exists()  # the archive is removed once unpacked
 
@@ -140,7 +140,7 @@ def test_revisited_download_verifies_the_ground_truth_before_reading_it(tmp_path
     (served / "gnd_roxford5k.pkl").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")
     with pytest.raises(InputError, match=r"gnd_roxford5k.pkl has SHA-256 \w+, expected \w+ \(listed in .*SHA256SUMS\); "
                                          "the file was not kept"):
-        prepare_revisited(root, "roxford5k", download=True)
+        prepare_retrieval("roxford5k", root, download=True)
     assert not (root / "gnd_roxford5k.pkl").exists()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mom import artifacts
-from test_pipeline_e2e import FASHION, dvc, project  # noqa: F401 (project is a fixture)
-from tiny_pipeline import commit_run
+from test_pipeline_e2e import project  # noqa: F401 (a fixture)
+from tiny_pipeline import HAVE_FASHION, commit_run, dvc
 
 wsgidav_app = pytest.importorskip(
     "wsgidav.wsgidav_app", reason="WebDAV server package wsgidav not installed (requirements.txt pins it)")
@@ -61,7 +61,7 @@ def stored_objects(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+@pytest.mark.skipif(not HAVE_FASHION,
                     reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
 def test_push_then_pull_into_a_fresh_clone_keeps_the_graph(project, webdav_server, tmp_path_factory):
     url, storage = webdav_server

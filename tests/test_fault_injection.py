@@ -8,7 +8,7 @@ Two kinds of kill per stage, each from a state without the stage's outputs:
   imports or computation;
 - at chosen commits: a ``sitecustomize.py`` on PYTHONPATH wraps ``os.replace``
   so that the n-th rename of a ``.tmp-`` file (the atomic writers' publish
-  step, mom/artifacts.py) logs its destination and pauses; the test kills the
+  step, mom/artifacts/files.py) logs its destination and pauses; the test kills the
   stage there, with the temporary file complete and the destination not yet
   renamed: the worst moment for a writer that is not atomic.
 After every kill each declared output is absent or complete and equal to the

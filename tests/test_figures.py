@@ -125,7 +125,7 @@ def test_stage_refuses_bad_options_and_pools(tmp_path):
                            (["--baseline", "ours", "--anchors", "0"], "--anchors"),
                            (["--baseline", "ours", "--seed", "-1"], "--seed"),
                            (["--baseline", "../ours"], "--baseline: must be a grid cell name"),
-                           (["--baseline", "bad"], "ids outside"),
+                           (["--baseline", "bad"], "outside 0..11"),
                            (["--baseline", "missing"], "file not found")):
         result = CliRunner().invoke(pool_figure_stage.main, base + extra)
         assert result.exit_code == 2 and message in result.output, (extra, result.output)

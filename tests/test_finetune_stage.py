@@ -379,7 +379,7 @@ def test_evaluate_retrieval_protocols_with_junk(trained, tmp_path):
         artifacts.save_npy(tmp_path / "features" / f"{split}.npy", features[split])
     assert CliRunner().invoke(whiten_main(), whiten_args(out, "none")).exit_code == 0
     args = ["--model", out / "finetune" / "model.pt", "--start", "", "--whitening", out / "whiten-none" / "whitening.npz",
-            "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", tmp_path / "nolog",
+            "--prepared", prepared, "--features", tmp_path / "features", "--finetune-log", "",
             "--report", tmp_path / "report.json", "--metrics", tmp_path / "metrics.json", "--proxy-report", "",
             "--plots-dir", tmp_path / "plots"]
     result = CliRunner().invoke(evaluate.main, [str(a) for a in args])

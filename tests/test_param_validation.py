@@ -289,7 +289,7 @@ def inputs_args(stage: str, root: Path, out: Path) -> list:
         "whiten": ["--model", model, "--train", root / "prepared/train",
                    "--manifold-knn", root / "diffuse/manifold_knn.parquet", "--out-dir", out / "whiten"],
         "evaluate": ["--model", model, "--start", "", "--whitening", whitening_file, "--prepared", root / "prepared",
-                     "--features", out / "no-features", "--finetune-log", out / "no-log",
+                     "--features", out / "no-features", "--finetune-log", "",
                      "--report", out / "reports/evaluate.json", "--metrics", out / "metrics/evaluate.json",
                      "--proxy-report", "", "--plots-dir", out / "plots"],
         "proxy_retrieval": ["--prepared", root / "prepared", "--model", model, "--whitening", whitening_file,

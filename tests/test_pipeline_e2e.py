@@ -1,20 +1,12 @@
 """The whole pipeline through ``dvc repro`` in a throw-away git + DVC project:
 a few hundred Fashion-MNIST images at 64 px, one epoch, every stage of dvc.yaml
 and none of the Table 1 grid (ablations/dvc.yaml, also in the project)."""
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
+import tiny_pipeline as tiny
 from mom import artifacts, networks
 from mom.training_log import read_training_log
-
-ROOT = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # Small params on top of params.yaml: the structure is the real one.
 SMALL = {
@@ -29,36 +21,17 @@ SMALL = {
 }
 
 
-def dvc(project, *args):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(project), "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result.stdout
-
-
 @pytest.fixture
 def project(tmp_path):
-    for folder in ("mom", "stages"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    (tmp_path / "ablations").mkdir()
-    shutil.copy(ROOT / "ablations" / "dvc.yaml", tmp_path / "ablations" / "dvc.yaml")
-    for name in (".dvcignore", ".gitignore"):  # the grid hidden from the main pipeline; checkpoints out of git
-        shutil.copy(ROOT / name, tmp_path / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        if section in params:  # stages that are not wired yet are skipped
-            params[section].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    dvc(tmp_path, "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")
-    return tmp_path
+    return tiny.make_project(tmp_path, SMALL)
+
+
+def dvc(project, *args):
+    return tiny.dvc(project, *args)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+@pytest.mark.skipif(not tiny.HAVE_FASHION,
                     reason="Debian package dataset-fashion-mnist not installed (scripts/setup.sh installs it)")
 def test_dvc_repro_runs_every_stage_end_to_end(project):
     output = dvc(project, "repro")

@@ -7,7 +7,7 @@ from mom.diffusion import manifold_neighbours
 from mom.errors import InputError
 from mom.graph import knn_search, neighbours_of, reciprocal_graph
 from mom.pools import (Pool, euclidean_positives, manifold_negatives, manifold_positives, pool_purity,
-                       random_negatives, select_pools)
+                       random_negatives, pool_variants, select_pools)
 
 
 def random_lists(n_anchors=30, n_items=200, depth=60, seed=0):
@@ -60,7 +60,7 @@ def test_too_shallow_lists_are_errors():
     with pytest.raises(InputError, match="k_neg=100"):
         manifold_negatives(manifold, euclidean, 100, 50)
     with pytest.raises(InputError, match="positives="):
-        select_pools("labels", "random", np.arange(30), manifold, euclidean, 200, 10, 10, 5, 5, 5, 0)
+        select_pools("labels", "random", pool_variants(np.arange(30), manifold, euclidean, 200, 10, 10, 5, 5, 5, 0))
 
 
 def test_purity_counts_only_labelled_pairs():
@@ -80,9 +80,9 @@ def test_banana_positives_follow_the_curve_and_negatives_come_from_other_curves(
     anchors, _ = select_anchors(graph, "all", None)
     diffusion = manifold_neighbours(graph, anchors, k=100)
     euclidean, _ = neighbours_of(features, anchors, 100)
-    positives, negatives = select_pools("manifold", "manifold", anchors, diffusion.ids, euclidean,
-                                        len(features), k_pos=50, k_neg=100, positive_cap=50,
-                                        negative_cap=100, baseline_k=5, seed=0)
+    variants = pool_variants(anchors, diffusion.ids, euclidean, len(features), k_pos=50, k_neg=100,
+                             positive_cap=50, negative_cap=100, baseline_k=5, seed=0)
+    positives, negatives = select_pools("manifold", "manifold", variants)
     # positives: along the anchor's own curve, beyond its Euclidean neighbours
     assert (curve[anchors[positives.anchor_row]] == curve[positives.member]).all()
     row = int(np.bincount(positives.anchor_row).argmax())

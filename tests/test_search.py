@@ -308,7 +308,7 @@ def test_a_missing_index_or_a_changed_model_fails_in_one_line(collection, tmp_pa
     (tmp_path / "index.json").write_text('{"items": 3,')
     result = CliRunner().invoke(search_command.main, [*search_args(collection, "--item", "train:1"),
                                                       "--index-dir", str(tmp_path)])
-    assert result.exit_code == 2 and result.stderr.startswith(f"search: error: {tmp_path / 'index.json'}: not readable JSON")
+    assert result.exit_code == 2 and result.stderr.startswith(f"search: error: {tmp_path / 'index.json'}: not valid JSON")
     other = tmp_path / "model.pt"
     networks.save_checkpoint(other, networks.build_network(networks.make_meta("efficientnet_lite0", head_dim=8),
                                                            load_pretrained=False, seed=1))

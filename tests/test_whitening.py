@@ -101,5 +101,5 @@ def test_whitening_file_roundtrip_is_byte_deterministic(tmp_path):
     loaded_mean, loaded_projection, method = whitening.load_whitening(tmp_path / "a.npz")
     assert np.array_equal(loaded_mean, mean) and np.array_equal(loaded_projection, projection) and method == "pca"
     (tmp_path / "bad.npz").write_bytes(b"nope")
-    with pytest.raises(InputError, match="not a whitening file"):
+    with pytest.raises(InputError, match="not an .npz archive"):
         whitening.load_whitening(tmp_path / "bad.npz")

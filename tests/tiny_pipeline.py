@@ -1,7 +1,8 @@
-"""A throw-away copy of the project with tiny params, and the rendered stage
-commands of its ``dvc.yaml``, for tests that run the real stage commands as
-subprocesses (no network, kill-and-rerun). Same approach as
-tests/test_pipeline_e2e.py, smaller: 70 Fashion-MNIST training images."""
+"""The one harness for end-to-end tests: a throw-away git + DVC copy of the
+project with small params (:data:`TINY`: 70 Fashion-MNIST training images, or
+the caller's), ``dvc`` in it, and the rendered stage commands of its
+``dvc.yaml`` for tests that run the real stage commands as subprocesses (no
+network, kill-and-rerun, corrupt inputs)."""
 from __future__ import annotations
 
 import json
@@ -40,30 +41,31 @@ PIPELINES = ("dvc.yaml", "ablations/dvc.yaml")
 PROJECT_FILES = (".dvcignore", ".gitignore", "scripts/with_grid.sh")
 
 
-def make_project(folder: Path) -> Path:
+def make_project(folder: Path, params: dict | None = None) -> Path:
     """Copy mom/, stages/, the pipelines (dvc.yaml, ablations/dvc.yaml), the
-    project's DVC set-up and tiny params into ``folder`` (a git + DVC project)."""
+    project's DVC set-up and small params (``params``, default :data:`TINY`) into
+    ``folder`` (a git + DVC project)."""
     for name in ("mom", "stages"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     for relative in (*PIPELINES, *PROJECT_FILES):
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / relative, folder / relative)
-    write_tiny_params(folder / "params.yaml")
+    write_tiny_params(folder / "params.yaml", TINY if params is None else params)
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     dvc(folder, "init", "-q")  # keeps the copied .dvcignore
     shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")
     return folder
 
 
-def write_tiny_params(path: Path) -> None:
-    """params.yaml with the TINY values, set the way `dvc exp run -S` sets them
-    (the file keeps the real one's form: block lists, comments)."""
+def write_tiny_params(path: Path, values: dict = TINY) -> None:
+    """params.yaml with ``values`` (section -> key -> value) set the way `dvc exp
+    run -S` sets them (the file keeps the real one's form: block lists, comments)."""
     from dvc.utils.hydra import apply_overrides
 
     shutil.copy(ROOT / "params.yaml", path)
     sections = yaml.safe_load(path.read_text())
-    apply_overrides(str(path), [f"{section}.{key}={json.dumps(value)}" for section, values in TINY.items()
-                                if section in sections for key, value in values.items()])
+    apply_overrides(str(path), [f"{section}.{key}={json.dumps(value)}" for section, entries in values.items()
+                                if section in sections for key, value in entries.items()])
 
 
 def environment(project: Path, **extra: str) -> dict:

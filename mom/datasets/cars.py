@@ -21,7 +21,7 @@ import scipy.io
 
 from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
-from mom.datasets.category import category_dataset, check_full_counts
+from mom.datasets.category import published_split_dataset
 from mom.datasets.images import FileItem
 from mom.errors import InputError
 
@@ -62,8 +62,5 @@ def load_cars(root: str | Path) -> dict[str, list[FileItem]]:
 def prepare_cars(root: str | Path, max_side: int = 512, workers: int = 1, download: bool = False) -> PreparedDataset:
     if download:
         raise InputError("download: Cars196 has no stable public address; fetch cars_annos.mat and car_ims/ by hand")
-    splits = load_cars(root)
-    counts = {split: len(items) for split, items in splits.items()}
-    full = check_full_counts("Cars196", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "classes 1-98 train, 99-196 new_classes", "full_set": full}
-    return category_dataset(SOURCE, splits, max_side, workers, info)
+    return published_split_dataset(SOURCE, "Cars196", load_cars(root), FULL_TOTAL, FULL_SPLITS,
+                                   "classes 1-98 train, 99-196 new_classes", max_side, workers)

@@ -57,3 +57,12 @@ def check_full_counts(name: str, counts: dict[str, int], full_total: int, expect
     if counts != expected:
         raise InputError(f"root: {name} lists {full_total} images but splits them {counts}, expected {expected}")
     return True
+
+
+def published_split_dataset(source: str, title: str, splits: dict[str, list[FileItem]], full_total: int,
+                            full_splits: dict[str, int], split_rule: str, max_side: int, workers: int) -> PreparedDataset:
+    """A benchmark with a published class split (Cars196, SOP): its splits,
+    with ``info`` saying the rule and whether the whole published set is there."""
+    counts = {split: len(items) for split, items in splits.items()}
+    full = check_full_counts(title, counts, full_total, full_splits)
+    return category_dataset(source, splits, max_side, workers, {"split_rule": split_rule, "full_set": full})

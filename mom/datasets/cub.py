@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
-from mom.datasets.category import as_int, category_dataset, check_full_counts, read_table
+from mom.datasets.category import as_int, published_split_dataset, read_table
 from mom.datasets.download import extract, fetch
 from mom.datasets.images import FileItem
 from mom.errors import InputError
@@ -73,8 +73,5 @@ def prepare_cub(
 ) -> PreparedDataset:
     if download:
         download_cub(Path(root))
-    splits = load_cub(root)
-    counts = {split: len(items) for split, items in splits.items()}
-    full = check_full_counts("CUB-200-2011", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "classes 1-100 train, 101-200 new_classes", "full_set": full}
-    return category_dataset(SOURCE, splits, max_side, workers, info)
+    return published_split_dataset(SOURCE, "CUB-200-2011", load_cub(root), FULL_TOTAL, FULL_SPLITS,
+                                   "classes 1-100 train, 101-200 new_classes", max_side, workers)

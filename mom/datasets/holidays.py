@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
 from mom.datasets.images import FileItem
-from mom.datasets.retrieval import Benchmark, retrieval_dataset
+from mom.datasets.retrieval import Benchmark
 from mom.errors import InputError
 
 SOURCE = "holidays"
@@ -53,16 +52,3 @@ def load_holidays(root: str | Path) -> Benchmark:
         relevance += [(q, i, "junk" if i == first else "positive") for i in members]
     full = (len(database), len(queries)) == FULL_SIZES
     return Benchmark(SOURCE, database, queries, relevance, ("positive",), {"full_set": full})
-
-
-def prepare_holidays(
-    root: str | Path,
-    max_side: int = 1024,
-    workers: int = 1,
-    distractors_root: str | Path | None = None,
-    train_root: str | Path | None = None,
-    download: bool = False,
-) -> PreparedDataset:
-    if download:
-        raise InputError("download: INRIA Holidays has no stable public address; fetch jpg1/jpg2 by hand")
-    return retrieval_dataset(load_holidays(root), max_side, workers, distractors_root, train_root)

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
 from mom.datasets.images import FileItem
-from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
+from mom.datasets.retrieval import Benchmark, checked_box, crop_origin
 from mom.errors import InputError
 
 SOURCE = "instre"
@@ -63,16 +62,3 @@ def load_instre(root: str | Path) -> Benchmark:
         relevance += [(q, int(i) - 1, "positive") for i in ok]
     full = (len(database), len(queries)) == FULL_SIZES
     return Benchmark(SOURCE, database, queries, relevance, ("positive",), {"full_set": full, "box_format": "x y w h"})
-
-
-def prepare_instre(
-    root: str | Path,
-    max_side: int = 1024,
-    workers: int = 1,
-    distractors_root: str | Path | None = None,
-    train_root: str | Path | None = None,
-    download: bool = False,
-) -> PreparedDataset:
-    if download:
-        raise InputError("download: INSTRE has no stable public address; fetch the images and gnd_instre.mat by hand")
-    return retrieval_dataset(load_instre(root), max_side, workers, distractors_root, train_root)

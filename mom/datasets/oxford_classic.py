@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths, read_annotation_text
 from mom.datasets.download import extract, fetch
 from mom.datasets.images import FileItem
-from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
+from mom.datasets.retrieval import Benchmark, checked_box, crop_origin
 from mom.errors import InputError
 
 NAMES = ("oxford5k", "paris6k")
@@ -129,17 +128,3 @@ def download_classic(root: Path, name: str) -> None:
             archive = fetch(url, root / Path(url).name)
             extract(archive, target, flatten=(folder == "gt"))
             archive.unlink()
-
-
-def prepare_classic(
-    root: str | Path,
-    name: str,
-    max_side: int = 1024,
-    workers: int = 1,
-    distractors_root: str | Path | None = None,
-    train_root: str | Path | None = None,
-    download: bool = False,
-) -> PreparedDataset:
-    if download:
-        download_classic(Path(root), name)
-    return retrieval_dataset(load_classic(root, name), max_side, workers, distractors_root, train_root)

@@ -21,11 +21,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from mom.artifacts.tables import GROUND_TRUTH
 from mom.datasets import PreparedDataset
 from mom.datasets.images import FileItem, display_path, empty_split, file_split, list_files, require_files
 from mom.errors import InputError
 
-GROUND_TRUTH_SCHEMA = pa.schema([("query", pa.int64()), ("database", pa.int64()), ("relevance", pa.string())])
+GROUND_TRUTH_SCHEMA = GROUND_TRUTH.schema  # the contract of ground_truth.parquet: mom.artifacts.tables
 
 RELEVANCE_LEVELS = ("easy", "hard", "junk", "good", "ok", "positive")
 

@@ -25,11 +25,10 @@ import numpy as np
 import scipy.io
 
 from mom import safe_pickle
-from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
 from mom.datasets.download import extract, fetch, fetch_missing
 from mom.datasets.images import FileItem
-from mom.datasets.retrieval import Benchmark, checked_box, crop_origin, retrieval_dataset
+from mom.datasets.retrieval import Benchmark, checked_box, crop_origin
 from mom.errors import InputError
 
 NAMES = ("roxford5k", "rparis6k")
@@ -133,19 +132,3 @@ def load_revisited(root: str | Path, name: str) -> Benchmark:
     relevance = [(q, int(i), level) for q, gnd in enumerate(queries) for level in LEVELS for i in gnd[level]]
     full = (len(imlist), len(qimlist)) == FULL_SIZES[name]
     return Benchmark(name, database, query_items, relevance, ("easy", "medium", "hard"), {"full_set": full})
-
-
-def prepare_revisited(
-    root: str | Path,
-    name: str,
-    max_side: int = 1024,
-    workers: int = 1,
-    distractors_root: str | Path | None = None,
-    train_root: str | Path | None = None,
-    download: bool = False,
-) -> PreparedDataset:
-    """ROxford5k / RParis6k splits and ground truth (see the module doc)."""
-    if download:
-        download_revisited(Path(root), name)
-    benchmark = load_revisited(root, name)
-    return retrieval_dataset(benchmark, max_side, workers, distractors_root, train_root)

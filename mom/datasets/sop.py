@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths, read_annotation_text
-from mom.datasets.category import as_int, category_dataset, check_full_counts, read_table
+from mom.datasets.category import as_int, published_split_dataset, read_table
 from mom.datasets.images import FileItem
 from mom.errors import InputError
 
@@ -58,8 +58,5 @@ def load_sop(root: str | Path) -> dict[str, list[FileItem]]:
 def prepare_sop(root: str | Path, max_side: int = 512, workers: int = 1, download: bool = False) -> PreparedDataset:
     if download:
         raise InputError("download: Stanford Online Products has no stable public address; fetch it by hand")
-    splits = load_sop(root)
-    counts = {split: len(items) for split, items in splits.items()}
-    full = check_full_counts("Stanford Online Products", counts, FULL_TOTAL, FULL_SPLITS)
-    info = {"split_rule": "Ebay_train.txt train, Ebay_test.txt new_classes", "full_set": full}
-    return category_dataset(SOURCE, splits, max_side, workers, info)
+    return published_split_dataset(SOURCE, "Stanford Online Products", load_sop(root), FULL_TOTAL, FULL_SPLITS,
+                                   "Ebay_train.txt train, Ebay_test.txt new_classes", max_side, workers)
