@@ -28,10 +28,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from mom import artifacts
+from mom import artifacts, autosize
 from mom.diffusion import manifold_neighbours, neighbour_agreement, truncated_manifold_neighbours
 from mom.graph import check_features, neighbours_of
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -93,8 +93,8 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
 @click.option("--max_iter", type=int, default=20, show_default=True, help="CG iterations (authors: 20)")
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="stop a column at this relative residual")
 @click.option("--block_size", type=int, default=64, show_default=True, help="anchors solved together")
-@click.option("--k", type=int, default=2000, show_default=True,
-              help="manifold neighbours kept per anchor (>= mine k_neg)")
+@click.option("--k", type=AUTO_INT, default="auto", show_default=True,
+              help="manifold neighbours kept per anchor (>= mine k_neg); auto: from the item count (mom/autosize.py)")
 @click.option("--reorder/--no-reorder", default=True, show_default=True,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
@@ -115,6 +115,7 @@ def truncated_solve(features_path, adjacency, anchors, truncate, sample_size, k,
 def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate, agreement_sample, features_path,
          graph_path, anchors_path, out_dir):
     """Diffuse from every anchor and keep its top-k manifold neighbours."""
+    require(autosize.is_auto(k) or k >= 1, f"k={k}: must be at least 1 (or auto)")
     require(0 < alpha < 1, f"alpha={alpha}: must be in (0, 1)")
     require(max_iter >= 1, f"max_iter={max_iter}: must be at least 1")
     require(tol >= 0, f"tol={tol}: must be >= 0")
@@ -122,7 +123,12 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
     adjacency = artifacts.load_csr(graph_path)
     anchors = read_anchors(anchors_path)
     n = adjacency.shape[0]
-    require(1 <= k < n, f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
+    sizes: dict = {}
+    k = autosize.resolve("diffuse.k", k, n, sizes)
+    require(k >= 1, f"k={k}: must be at least 1")
+    require(k < n, autosize.too_large({"diffuse.k": k, "mine.k_neg": None}, n,
+                                      bound=f"diffuse.k < {n} items, mine.k_neg <= diffuse.k"))
+    log_auto(sizes)
     require(anchors.min() >= 0 and anchors.max() < n, f"{anchors_path}: anchor ids outside 0..{n - 1}")
     require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
             "truncate, agreement_sample and threads must be >= 0")
@@ -139,6 +145,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, truncate,
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,
                                          DTYPES[dtype], progress=bar.update, threads=threads)
     report = convergence_report(result, options)
+    report["auto_sizes"] = sizes
     if truncate:
         report["truncation"] = agreement
         log.info("truncated top-%d agrees with the full solve at %.3f", k, agreement["agreement_at_k"])
