@@ -4,6 +4,7 @@ One rule for every count-like param (docs/stages.md, "auto sizes"):
 
     auto = max(floor, min(reference, n // divisor))
 
+(the held-out images of a folder: 0 below 50 images, too few to spare any).
 ``n`` is the number of training items (for ``finetune.batch_size``: the number
 of anchors), ``reference`` the value tuned for the embedded default (6,000
 Fashion-MNIST training images), so on the default ``auto`` gives exactly the
@@ -41,6 +42,7 @@ class Rule:
     divisor: int    # at most n // divisor
     floor: int      # at least this (if the collection allows it)
     counts: str     # what n counts
+    zero_below: int = 0  # fewer items than this: 0 (none)
 
 
 RULES = {
@@ -50,7 +52,7 @@ RULES = {
     "mine.k_neg": Rule(2000, 3, 2, "training items"),
     "mine.k_pos": Rule(50, 10, 5, "training items"),
     "finetune.batch_size": Rule(42, 8, 2, "anchors"),
-    "prepare.holdout": Rule(1000, 5, 2, "images of the folder"),
+    "prepare.holdout": Rule(1000, 5, 2, "images of the folder", zero_below=50),
 }
 # Params whose value must stay below n (a neighbourhood of other items).
 BELOW_N = ("graph.k", "diffuse.k", "mine.k_neg", "mine.k_pos")
@@ -63,6 +65,8 @@ def is_auto(value) -> bool:
 def auto_size(name: str, n: int) -> int:
     """The ``auto`` value of param ``name`` (a key of :data:`RULES`) for ``n`` items."""
     rule = RULES[name]
+    if n < rule.zero_below:
+        return 0
     value = max(rule.floor, min(rule.reference, n // rule.divisor))
     limit = n - 1 if name in BELOW_N else n
     if value > limit or value < 1:
@@ -73,7 +77,8 @@ def auto_size(name: str, n: int) -> int:
 
 def rule_text(name: str) -> str:
     rule = RULES[name]
-    return f"max({rule.floor}, min({rule.reference}, n // {rule.divisor})), n = {rule.counts}"
+    text = f"max({rule.floor}, min({rule.reference}, n // {rule.divisor})), n = {rule.counts}"
+    return text + (f"; 0 when n < {rule.zero_below}" if rule.zero_below else "")
 
 
 def describe(name: str, value: int, n: int) -> dict:
