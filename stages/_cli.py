@@ -96,7 +96,7 @@ class AutoInt(click.ParamType):
         try:
             return int(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither an integer nor auto", param, ctx)
+            self.fail(f"{value!r} is not an integer or auto", param, ctx)
 
 
 AUTO_INT = AutoInt()

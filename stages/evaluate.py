@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
+from mom import artifacts, extraction, label_free, metrics, networks, whitening  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
 from mom.datasets.retrieval import PROTOCOLS, protocol_lists  # noqa: E402
@@ -183,16 +183,30 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
+    ran: dict[str, str] = {}
     for split in EVALUATIONS:
-        store = open_labeled(prepared / split)
+        store, reason = open_labeled(prepared / split)
         if store is not None:
             result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
                                                   ks, options)
+            ran[f"Recall@K/NMI on {split}"] = ""
+            continue
+        ran[f"Recall@K/NMI on {split}"] = reason
+        unlabeled, why_not = open_unlabeled(prepared / split)
+        ran[f"label-free on {split}"] = why_not
+        if unlabeled is not None:
+            with timed(f"{split}: label-free measures of {len(unlabeled)} held-out images"):
+                initial = load_initial(features_dir / f"{split}.npy", len(unlabeled))
+                result.setdefault("label_free", {})[split] = label_free.measures(
+                    initial, embed(net, unlabeled, mean, projection, options))
+            log.info("%s, label-free: %s", EVALUATIONS[split], result["label_free"][split])
     ground_truth = prepared / GROUND_TRUTH
     if ground_truth.is_file():
         result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
-    require(any(key in result for key in (*EVALUATIONS, "retrieval")),
-            f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
+    ran["retrieval mAP"] = "" if ground_truth.is_file() else "no ground truth (prepare.ground_truth)"
+    ran["proxy retrieval"] = proxy_status(proxy, proxy_path)
+    result["evaluations"] = evaluations_line(ran)
+    log.info("evaluations: %s", result["evaluations"])
     artifacts.save_json(report_path, result)
     if metrics_path:
         artifacts.save_json(metrics_path, headline(result, proxy))
@@ -215,21 +229,45 @@ def load_start(path: Path, net) -> torch.nn.Module:
     return start_net
 
 
-def open_labeled(folder: Path) -> ImageStore | None:
-    """The split's store when prepare wrote it with labels on every item, else ``None`` (logged)."""
-    if not (folder / MANIFEST_NAME).is_file():
-        return None
+def open_labeled(folder: Path) -> tuple[ImageStore | None, str]:
+    """``(store, "")`` when prepare wrote the split with labels on every item of
+    two or more classes, else ``(None, why not)`` (logged)."""
+    if not (folder / MANIFEST_NAME).is_file() or len(ImageStore.open(folder)) == 0:
+        return None, "no such split"
     store = ImageStore.open(folder)
-    if len(store) == 0:
-        return None
     if (store.labels < 0).any():
-        log.info("%s: %d of %d items unlabeled: no Recall@K / NMI here", folder, int((store.labels < 0).sum()), len(store))
-        return None
-    classes = len(np.unique(store.labels))
-    if classes < 2:
+        reason = f"{int((store.labels < 0).sum())} of {len(store)} images unlabeled"
+        log.info("%s: %s: no Recall@K / NMI here", folder, reason)
+        return None, reason
+    if len(np.unique(store.labels)) < 2:
         log.info("%s: one class only: no Recall@K / NMI here", folder)
-        return None
-    return store
+        return None, "one class only"
+    return store, ""
+
+
+def open_unlabeled(folder: Path) -> tuple[ImageStore | None, str]:
+    """A split without (complete) labels for the label-free measures: ``(store, "")``
+    or ``(None, why not)``."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None, "no such split"
+    store = ImageStore.open(folder)
+    if len(store) < 3:
+        return None, f"{len(store)} images (needs 3)"
+    return store, ""
+
+
+def proxy_status(proxy: dict | None, proxy_path) -> str:
+    if proxy is None:
+        return "no proxy_retrieval report given"
+    splits = [split for split in EVALUATIONS if split in proxy]
+    return "" if splits else proxy.get("skipped", f"{proxy_path}: no evaluation split")
+
+
+def evaluations_line(ran: dict[str, str]) -> str:
+    """One line for the metrics file: which evaluations ran, and why the others did not."""
+    done = [name for name, reason in ran.items() if not reason]
+    skipped = [f"{name} ({reason})" for name, reason in ran.items() if reason]
+    return f"ran: {', '.join(done) or 'none'}; not run: {', '.join(skipped) or 'none'}"
 
 
 def evaluate_fine_grained(split, store, initial_path, networks_to_score, ks, options) -> dict:

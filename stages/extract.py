@@ -142,11 +142,6 @@ def main(prepared: Path, out_dir: Path, **options) -> None:
     """Embed every split of the prepared image stores with a pretrained network."""
     validate(options)
     stores = open_splits(prepared)
-    sizes: dict = {}
-    options["scales"] = autosize.resolve_scales("extract.scales", options["scales"], lambda: stores["train"].shapes,
-                                                sizes)
-    log_auto(sizes)
-    options["auto_sizes"] = sizes
     with distributed.session(options["device"]) as ctx:
         if not ctx.is_main:
             log.setLevel(logging.WARNING)
@@ -158,6 +153,12 @@ def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, 
         torch.set_num_threads(options["threads"])
     meta = make_meta(options["backbone"], options["pooling"], options["gem_p"])
     net = build_network(meta, weights=options["weights"] or None, download=options["download_weights"])
+    sizes: dict = {}
+    options["scales"] = autosize.resolve_scales("extract.scales", options["scales"], lambda: stores["train"].shapes,
+                                                sizes)
+    if ctx.is_main:
+        log_auto(sizes)
+    options["auto_sizes"] = sizes
     log.info("%s + %s, %d dims, scales %s on %s, %d torch threads, %d process(es) (%s)", meta["backbone"],
              meta["pooling"], meta["dim"], list(options["scales"]), ctx.device, torch.get_num_threads(), ctx.world_size,
              ctx.backend or "no process group")

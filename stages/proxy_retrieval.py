@@ -93,6 +93,14 @@ def open_split(path: Path) -> ImageStore | None:
     return store
 
 
+def training_shapes(prepared: Path, stores: dict) -> np.ndarray:
+    """Image shapes the auto input size is measured on: the train split's, as
+    extract measures them (an evaluation split's when prepare wrote no train split)."""
+    if (prepared / "train" / MANIFEST_NAME).is_file():
+        return ImageStore.open(prepared / "train").shapes
+    return next(iter(stores.values())).shapes
+
+
 def load_finetuned(model_path: str, whitening_path: str, options: dict):
     """``(net, scales, aggregation, whitening or None)``, or ``None`` without a model."""
     if not model_path:
@@ -191,9 +199,10 @@ def main(prepared: Path, model_path: str, whitening_path: str, report_path: Path
     stores = {split: open_split(prepared / split) for split in EVALUATION_SPLITS}
     stores = {split: store for split, store in stores.items() if store is not None}
     sizes: dict = {}
-    options["scales"] = autosize.resolve_scales("proxy_retrieval.scales", options["scales"],
-                                                lambda: ImageStore.open(prepared / "train").shapes, sizes)
-    log_auto(sizes)
+    if stores:
+        options["scales"] = autosize.resolve_scales("proxy_retrieval.scales", options["scales"],
+                                                    lambda: training_shapes(prepared, stores), sizes)
+        log_auto(sizes)
     result = header(options, model_path, whitening_path)
     if sizes:
         result["auto_sizes"] = sizes
