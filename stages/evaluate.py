@@ -107,6 +107,39 @@ def recall_figure(ks, sections: dict[str, dict]):
     return figure
 
 
+def label_free_figure(result: dict, proxy: dict | None):
+    """Without labels: per held-out split, the label-free measures of the initial
+    features and the fine-tuned network side by side (bars, %)."""
+    splits = sorted(set(result.get("label_free", {})) | {s for s in EVALUATIONS if proxy and s in proxy})
+    figure, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.5 * max(1, len(splits)), 3.4), squeeze=False)
+    for axis, split in zip(axes[0], splits):
+        names, values = [], {"initial": [], "finetuned": []}
+        section = result.get("label_free", {}).get(split)
+        if section:
+            key = f"manifold_agreement_at_{section['k']}"
+            names.append(f"manifold agreement@{section['k']}")
+            for version in values:
+                values[version].append(section[version][key])
+        for level, entry in ((proxy or {}).get(split, {}).get("levels") or {}).items():
+            names.append(f"proxy mAP, {level}")
+            values["initial"].append(entry["initial"]["map"])
+            values["finetuned"].append(entry.get("finetuned_whitened", entry.get("finetuned", {})).get("map", np.nan))
+        positions = np.arange(len(names))
+        for offset, (version, label) in zip((-0.2, 0.2), (("initial", "initial features"), ("finetuned", "fine-tuned"))):
+            axis.barh(positions + offset, [100 * value for value in values[version]], height=0.4, label=label)
+        axis.set_yticks(positions, names)
+        axis.set_xlabel("% (initial vs fine-tuned; docs/stages.md, evaluate)")
+        axis.set_title(f"held-out images ({split}), no labels: label-free measures", fontsize=10)
+        axis.grid(alpha=0.3, axis="x")
+        axis.legend(fontsize=8)
+    if not splits:
+        axes[0][0].text(0.5, 0.5, result.get("evaluations", "nothing to evaluate"), ha="center", va="center",
+                        wrap=True, fontsize=8)
+        axes[0][0].set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
 def training_figure(rows: list[dict]):
     series = [("loss", "loss"), ("active", "tuples with loss > 0"), ("val_recall_at_1", "val Recall@1")]
     series = [(key, title) for key, title in series if any(key in row for row in rows)]
@@ -183,18 +216,20 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
-    ran: dict[str, str] = {}
+    ran: dict[str, str] = {}  # evaluation -> "" (ran) or why not
     for split in EVALUATIONS:
+        if split_size(prepared / split) == 0:
+            ran[split] = "no images"
+            continue
         store, reason = open_labeled(prepared / split)
+        ran[f"R@K/NMI {split}"] = reason
         if store is not None:
             result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
                                                   ks, options)
-            ran[f"Recall@K/NMI on {split}"] = ""
             continue
-        ran[f"Recall@K/NMI on {split}"] = reason
-        unlabeled, why_not = open_unlabeled(prepared / split)
-        ran[f"label-free on {split}"] = why_not
-        if unlabeled is not None:
+        unlabeled = ImageStore.open(prepared / split)
+        ran[f"label-free {split}"] = "" if len(unlabeled) >= 3 else "under 3 images"
+        if len(unlabeled) >= 3:
             with timed(f"{split}: label-free measures of {len(unlabeled)} held-out images"):
                 initial = load_initial(features_dir / f"{split}.npy", len(unlabeled))
                 result.setdefault("label_free", {})[split] = label_free.measures(
@@ -203,8 +238,8 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     ground_truth = prepared / GROUND_TRUTH
     if ground_truth.is_file():
         result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
-    ran["retrieval mAP"] = "" if ground_truth.is_file() else "no ground truth (prepare.ground_truth)"
-    ran["proxy retrieval"] = proxy_status(proxy, proxy_path)
+    ran["retrieval"] = "" if ground_truth.is_file() else "no ground truth"
+    ran["proxy"] = proxy_status(proxy, proxy_path)
     result["evaluations"] = evaluations_line(ran)
     log.info("evaluations: %s", result["evaluations"])
     artifacts.save_json(report_path, result)
@@ -212,10 +247,13 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
         artifacts.save_json(metrics_path, headline(result, proxy))
 
     sections = {split: result[split] for split in EVALUATIONS if split in result}
+    (plots_dir / "recall_at_k").mkdir(parents=True, exist_ok=True)  # a DVC output, empty without labels
     for split, section in sections.items():
         artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:
         artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
+    else:  # no labels: the same file shows the label-free comparison
+        artifacts.save_figure(plots_dir / "recall_at_k.png", label_free_figure(result, proxy))
     rows = read_training_log(log_path)
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
@@ -229,38 +267,28 @@ def load_start(path: Path, net) -> torch.nn.Module:
     return start_net
 
 
+def split_size(folder: Path) -> int:
+    return len(ImageStore.open(folder)) if (folder / MANIFEST_NAME).is_file() else 0
+
+
 def open_labeled(folder: Path) -> tuple[ImageStore | None, str]:
     """``(store, "")`` when prepare wrote the split with labels on every item of
     two or more classes, else ``(None, why not)`` (logged)."""
-    if not (folder / MANIFEST_NAME).is_file() or len(ImageStore.open(folder)) == 0:
-        return None, "no such split"
     store = ImageStore.open(folder)
     if (store.labels < 0).any():
-        reason = f"{int((store.labels < 0).sum())} of {len(store)} images unlabeled"
-        log.info("%s: %s: no Recall@K / NMI here", folder, reason)
-        return None, reason
+        log.info("%s: %d of %d items unlabeled: no Recall@K / NMI here", folder, int((store.labels < 0).sum()),
+                 len(store))
+        return None, "unlabeled"
     if len(np.unique(store.labels)) < 2:
         log.info("%s: one class only: no Recall@K / NMI here", folder)
-        return None, "one class only"
-    return store, ""
-
-
-def open_unlabeled(folder: Path) -> tuple[ImageStore | None, str]:
-    """A split without (complete) labels for the label-free measures: ``(store, "")``
-    or ``(None, why not)``."""
-    if not (folder / MANIFEST_NAME).is_file():
-        return None, "no such split"
-    store = ImageStore.open(folder)
-    if len(store) < 3:
-        return None, f"{len(store)} images (needs 3)"
+        return None, "one class"
     return store, ""
 
 
 def proxy_status(proxy: dict | None, proxy_path) -> str:
     if proxy is None:
-        return "no proxy_retrieval report given"
-    splits = [split for split in EVALUATIONS if split in proxy]
-    return "" if splits else proxy.get("skipped", f"{proxy_path}: no evaluation split")
+        return "no report given"
+    return "" if any(split in proxy for split in EVALUATIONS) else "no evaluation split"
 
 
 def evaluations_line(ran: dict[str, str]) -> str:
