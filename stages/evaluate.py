@@ -216,25 +216,7 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
-    ran: dict[str, str] = {}  # evaluation -> "" (ran) or why not
-    for split in EVALUATIONS:
-        if split_size(prepared / split) == 0:
-            ran[split] = "no images"
-            continue
-        store, reason = open_labeled(prepared / split)
-        ran[f"R@K/NMI {split}"] = reason
-        if store is not None:
-            result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
-                                                  ks, options)
-            continue
-        unlabeled = ImageStore.open(prepared / split)
-        ran[f"label-free {split}"] = "" if len(unlabeled) >= 3 else "under 3 images"
-        if len(unlabeled) >= 3:
-            with timed(f"{split}: label-free measures of {len(unlabeled)} held-out images"):
-                initial = load_initial(features_dir / f"{split}.npy", len(unlabeled))
-                result.setdefault("label_free", {})[split] = label_free.measures(
-                    initial, embed(net, unlabeled, mean, projection, options))
-            log.info("%s, label-free: %s", EVALUATIONS[split], result["label_free"][split])
+    ran = evaluate_splits(result, prepared, features_dir, networks_to_score, ks, options)
     ground_truth = prepared / GROUND_TRUTH
     if ground_truth.is_file():
         result["retrieval"] = evaluate_retrieval(prepared, features_dir, ground_truth, net, mean, projection, options)
@@ -265,6 +247,33 @@ def load_start(path: Path, net) -> torch.nn.Module:
     require(start_net.meta == net.meta, f"{path}: the untrained start is not the fine-tuned model's architecture "
             f"({start_net.meta} vs {net.meta})")
     return start_net
+
+
+def evaluate_splits(result: dict, prepared: Path, features_dir: Path, networks_to_score: dict, ks, options) -> dict:
+    """Each held-out split into ``result``: Recall@K and NMI when it is labelled,
+    else the label-free measures (:mod:`mom.label_free`). Returns evaluation ->
+    ``""`` (ran) or why not."""
+    ran: dict[str, str] = {}
+    net, mean, projection = networks_to_score["finetuned"]
+    for split in EVALUATIONS:
+        if split_size(prepared / split) == 0:
+            ran[split] = "no images"
+            continue
+        store, reason = open_labeled(prepared / split)
+        ran[f"R@K/NMI {split}"] = reason
+        if store is not None:
+            result[split] = evaluate_fine_grained(split, store, features_dir / f"{split}.npy", networks_to_score,
+                                                  ks, options)
+            continue
+        unlabeled = ImageStore.open(prepared / split)
+        ran[f"label-free {split}"] = "" if len(unlabeled) >= 3 else "under 3 images"
+        if len(unlabeled) >= 3:
+            with timed(f"{split}: label-free measures of {len(unlabeled)} held-out images"):
+                initial = load_initial(features_dir / f"{split}.npy", len(unlabeled))
+                result.setdefault("label_free", {})[split] = label_free.measures(
+                    initial, embed(net, unlabeled, mean, projection, options))
+            log.info("%s, label-free: %s", EVALUATIONS[split], result["label_free"][split])
+    return ran
 
 
 def split_size(folder: Path) -> int:
