@@ -229,7 +229,9 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
         artifacts.save_json(metrics_path, headline(result, proxy))
 
     sections = {split: result[split] for split in EVALUATIONS if split in result}
-    (plots_dir / "recall_at_k").mkdir(parents=True, exist_ok=True)  # a DVC output, empty without labels
+    if not sections:  # the folder is a DVC output: say why it holds no curve
+        artifacts.save_json(plots_dir / "recall_at_k" / "no_labels.json",
+                            {"recall_at_k": [], "evaluations": result["evaluations"]})
     for split, section in sections.items():
         artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:

@@ -143,6 +143,7 @@ def test_metrics_hold_the_label_free_evaluation(run):
     assert metrics["evaluations"] == ("ran: label-free new_images, proxy; not run: R@K/NMI new_images (unlabeled), "
                                       "new_classes (no images), retrieval (no ground truth)")
     assert (project / "plots/recall_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert [path.name for path in (project / "plots/recall_at_k").iterdir()] == ["no_labels.json"]
     assert "new_images" not in metrics and "new_classes" not in metrics
 
 
