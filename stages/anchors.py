@@ -18,15 +18,16 @@ import numpy as np
 import pyarrow as pa
 
 from mom import artifacts, autosize
-from mom.anchors import STRATEGIES, select_anchors
+from mom.anchors import ALL_ANCHORS_MAX_ITEMS, AUTO, STRATEGIES, resolve_strategy, select_anchors
 from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
 
 @click.command(cls=StageCommand)
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="all", show_default=True,
-              help="stationary (large collections), all (fine-grained), random (ablation)")
+@click.option("--strategy", type=click.Choice((AUTO, *STRATEGIES)), default=AUTO, show_default=True,
+              help=f"stationary (large collections), all (fine-grained), random (ablation); auto: all up to "
+                   f"{ALL_ANCHORS_MAX_ITEMS} items, random above")
 @click.option("--count", type=AUTO_INT, default="auto", show_default=True,
               help="anchors kept (stationary, random); auto: from the item count (mom/autosize.py)")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of the random strategy")
@@ -40,6 +41,10 @@ def main(strategy, count, seed, graph_path, out_dir):
     adjacency = artifacts.load_csr(graph_path)
     n = adjacency.shape[0]
     sizes: dict = {}
+    if strategy == AUTO:
+        strategy = resolve_strategy(strategy, n)
+        sizes["anchors.strategy"] = {"value": strategy, "n": int(n),
+                                     "rule": f"all if n <= {ALL_ANCHORS_MAX_ITEMS}, else random"}
     if strategy == "all":  # every item: count not used
         count = None
     else:
