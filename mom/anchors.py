@@ -8,6 +8,19 @@ from mom.errors import InputError
 from mom.graph import weighted_degree
 
 STRATEGIES = ("stationary", "all", "random")
+AUTO = "auto"
+# strategy auto: every item an anchor up to this many items (the embedded default's
+# 6,000, its tuned fine-grained setting), random anchors above, so that the cost of
+# diffusion and of a training epoch stays bounded as the collection grows.
+ALL_ANCHORS_MAX_ITEMS = 6000
+
+
+def resolve_strategy(strategy: str, n_items: int) -> str:
+    """``strategy``, with ``auto`` = ``all`` up to :data:`ALL_ANCHORS_MAX_ITEMS`
+    items, ``random`` above."""
+    if strategy != AUTO:
+        return strategy
+    return "all" if n_items <= ALL_ANCHORS_MAX_ITEMS else "random"
 
 
 def stationary_distribution(adjacency: sp.csr_matrix) -> np.ndarray:

@@ -270,3 +270,25 @@ def rank_database(queries: np.ndarray, database: np.ndarray, block: int = 256) -
         for row, score in enumerate(scores):
             rankings[start + row] = np.lexsort((ids, -score))
     return rankings
+
+
+# Label-free measures of an embedding on held-out images (evaluate, without labels).
+
+def neighbour_overlap(first: np.ndarray, second: np.ndarray, k: int) -> float:
+    """Mean over items of ``|NN_k(first) & NN_k(second)| / k``: how many of an
+    item's k nearest other items two embeddings of the same items share (1: the
+    same neighbourhoods, 0: none in common). It measures change, not quality."""
+    a, b = nearest_neighbours(first, k), nearest_neighbours(second, k)
+    shared = [len(np.intersect1d(row_a, row_b, assume_unique=True)) for row_a, row_b in zip(a, b)]
+    return float(np.mean(shared) / k)
+
+
+def manifold_agreement(embeddings: np.ndarray, manifold_ids: np.ndarray, k: int) -> float:
+    """Mean over items of the fraction of their k Euclidean nearest neighbours
+    in ``embeddings`` that are among their first k manifold neighbours
+    ``manifold_ids[i, :k]`` (-1 = none; rows in item order). 1: the embedding's
+    Euclidean neighbours are exactly the manifold neighbours."""
+    euclidean = nearest_neighbours(embeddings, k)
+    manifold = np.asarray(manifold_ids)[:, :k]
+    hits = [len(np.intersect1d(row_e, row_m[row_m >= 0], assume_unique=True)) for row_e, row_m in zip(euclidean, manifold)]
+    return float(np.mean(hits) / k)

@@ -86,7 +86,10 @@ def headline(evaluation: dict, proxy: dict | None = None) -> dict:
     from an ``evaluate`` report and, when given, a ``proxy_retrieval`` report:
     per evaluation split the ``initial`` features' and the ``finetuned``
     network's Recall@1, Recall@K at the largest K and NMI; mAP per retrieval
-    protocol; the proxy mAP per split and level (``proxy_map``). Counts,
+    protocol; the proxy mAP per split and level (``proxy_map``); on splits
+    without labels the label-free measures (``label_free``: manifold agreement
+    of both, neighbours kept; :mod:`mom.label_free`); the one-line account of
+    which evaluations ran and why the others did not (``evaluations``). Counts,
     settings, the untrained start and the other K stay in the reports."""
     result = {}
     for split, _ in EVALUATIONS:
@@ -111,6 +114,12 @@ def headline(evaluation: dict, proxy: dict | None = None) -> dict:
                     levels.setdefault(split, {})[level] = values
         if levels:
             result["proxy_map"] = levels
+    for split, section in evaluation.get("label_free", {}).items():
+        result.setdefault("label_free", {})[split] = {
+            **{version: dict(section[version]) for version in HEADLINE_VERSIONS if section.get(version)},
+            **{key: value for key, value in section.items() if key.startswith("neighbours_kept_at_")}}
+    if "evaluations" in evaluation:
+        result["evaluations"] = evaluation["evaluations"]
     return result
 
 

@@ -82,3 +82,29 @@ def require(condition: bool, message: str) -> None:
     """Raise an :class:`InputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise InputError(message)
+
+
+class AutoInt(click.ParamType):
+    """An integer, or ``auto``: the stage resolves it from the collection's size
+    (:mod:`mom.autosize`)."""
+
+    name = "integer|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return value if isinstance(value, int) else "auto"
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer or auto", param, ctx)
+
+
+AUTO_INT = AutoInt()
+
+
+def log_auto(sizes: dict) -> None:
+    """Log every size an ``auto`` param resolved to (:mod:`mom.autosize`)."""
+    for name, chosen in sizes.items():
+        measured = [f"{key} = {chosen[key]}" for key in ("n", "median_side") if key in chosen]
+        log.info("%s=auto -> %s (%s%s)", name, chosen["value"], chosen["rule"],
+                 f"; here {', '.join(measured)}" if measured else "")

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mom import artifacts
+from mom import artifacts, autosize
 from mom.artifacts import arrays, tables
 from mom.diffusion import manifold_neighbours, neighbour_agreement, truncated_manifold_neighbours
 from mom.graph import check_features, neighbours_of
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -77,8 +77,8 @@ def truncated_solve(features, adjacency, anchors, truncate, sample_size, k, alph
 @click.option("--max_iter", type=int, default=20, show_default=True, help="CG iterations (authors: 20)")
 @click.option("--tol", type=float, default=1e-6, show_default=True, help="stop a column at this relative residual")
 @click.option("--block_size", type=int, default=64, show_default=True, help="anchors solved together")
-@click.option("--k", type=int, default=2000, show_default=True,
-              help="manifold neighbours kept per anchor (>= mine k_neg)")
+@click.option("--k", type=AUTO_INT, default="auto", show_default=True,
+              help="manifold neighbours kept per anchor (>= mine k_neg); auto: from the item count (mom/autosize.py)")
 @click.option("--reorder/--no-reorder", default=True, show_default=True,
               help="permute nodes for memory locality (reverse Cuthill-McKee); same result, faster")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True)
@@ -102,6 +102,7 @@ def truncated_solve(features, adjacency, anchors, truncate, sample_size, k, alph
 def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min_items, truncate, agreement_sample,
          features_path, graph_path, anchors_path, out_dir):
     """Diffuse from every anchor and keep its top-k manifold neighbours."""
+    require(autosize.is_auto(k) or k >= 1, f"k={k}: must be at least 1 (or auto)")
     require(0 < alpha < 1, f"alpha={alpha}: must be in (0, 1)")
     require(max_iter >= 1, f"max_iter={max_iter}: must be at least 1")
     require(tol >= 0, f"tol={tol}: must be >= 0")
@@ -110,7 +111,12 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min
     adjacency = arrays.read_adjacency(graph_path)
     n = adjacency.shape[0]
     anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(graph_path))
-    require(1 <= k < n, f"k={k}: must be between 1 and the number of items minus 1 ({n - 1})")
+    sizes: dict = {}
+    k = autosize.resolve("diffuse.k", k, n, sizes)
+    require(k >= 1, f"k={k}: must be at least 1")
+    require(k < n, autosize.too_large({"diffuse.k": k, "mine.k_neg": None}, n,
+                                      bound=f"diffuse.k < {n} items, mine.k_neg <= diffuse.k"))
+    log_auto(sizes)
     require(truncate >= 0 and agreement_sample >= 0 and threads >= 0,
             "truncate, agreement_sample and threads must be >= 0")
     threads = threads or os.cpu_count() or 1
@@ -129,6 +135,7 @@ def main(alpha, max_iter, tol, block_size, k, reorder, dtype, threads, fused_min
             result = manifold_neighbours(adjacency, anchors, k, alpha, max_iter, tol, block_size, reorder,
                                          DTYPES[dtype], progress=bar.update, threads=threads, fused=fused)
     report = convergence_report(result, options)
+    report["auto_sizes"] = sizes
     if truncate:
         report["truncation"] = agreement
         log.info("truncated top-%d agrees with the full solve at %.3f", k, agreement["agreement_at_k"])

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mom import artifacts, extraction, metrics, networks, whitening  # noqa: E402
+from mom import artifacts, extraction, label_free, metrics, networks, whitening  # noqa: E402
 from mom.artifacts import arrays, reports, tables  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
@@ -103,6 +103,39 @@ def recall_figure(ks, sections: dict[str, dict]):
         axis.set_ylabel("Recall@K (%)")
         axis.grid(alpha=0.3)
     axes[0][-1].legend()
+    figure.tight_layout()
+    return figure
+
+
+def label_free_figure(result: dict, proxy: dict | None):
+    """Without labels: per held-out split, the label-free measures of the initial
+    features and the fine-tuned network side by side (bars, %)."""
+    splits = sorted(set(result.get("label_free", {})) | {s for s in EVALUATIONS if proxy and s in proxy})
+    figure, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.5 * max(1, len(splits)), 3.4), squeeze=False)
+    for axis, split in zip(axes[0], splits):
+        names, values = [], {"initial": [], "finetuned": []}
+        section = result.get("label_free", {}).get(split)
+        if section:
+            key = f"manifold_agreement_at_{section['k']}"
+            names.append(f"manifold agreement@{section['k']}")
+            for version in values:
+                values[version].append(section[version][key])
+        for level, entry in ((proxy or {}).get(split, {}).get("levels") or {}).items():
+            names.append(f"proxy mAP, {level}")
+            values["initial"].append(entry["initial"]["map"])
+            values["finetuned"].append(entry.get("finetuned_whitened", entry.get("finetuned", {})).get("map", np.nan))
+        positions = np.arange(len(names))
+        for offset, (version, label) in zip((-0.2, 0.2), (("initial", "initial features"), ("finetuned", "fine-tuned"))):
+            axis.barh(positions + offset, [100 * value for value in values[version]], height=0.4, label=label)
+        axis.set_yticks(positions, names)
+        axis.set_xlabel("% (initial vs fine-tuned; docs/stages.md, evaluate)")
+        axis.set_title(f"held-out images ({split}), no labels: label-free measures", fontsize=10)
+        axis.grid(alpha=0.3, axis="x")
+        axis.legend(fontsize=8)
+    if not splits:
+        axes[0][0].text(0.5, 0.5, result.get("evaluations", "nothing to evaluate"), ha="center", va="center",
+                        wrap=True, fontsize=8)
+        axes[0][0].set_axis_off()
     figure.tight_layout()
     return figure
 
@@ -181,28 +214,36 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
-    splits = {}  # every input is read before the first embedding
-    for split in EVALUATIONS:
-        store = open_labeled(prepared / split)
-        if store is not None:
-            splits[split] = (store, load_initial(features_dir / f"{split}.npy", len(store)))
+    labeled, unlabeled, ran = read_splits(prepared, features_dir)  # every input is read before the first embedding
     ground_truth = prepared / GROUND_TRUTH
     retrieval = read_retrieval_inputs(prepared, features_dir, ground_truth) if ground_truth.is_file() else None
-    require(splits or retrieval is not None,
-            f"{prepared}: no labeled evaluation split ({', '.join(EVALUATIONS)}) and no {GROUND_TRUTH}: nothing to evaluate")
-    for split, (store, initial) in splits.items():
+    for split, (store, initial) in labeled.items():
         result[split] = evaluate_fine_grained(split, store, initial, networks_to_score, ks, options)
+    for split, (store, initial) in unlabeled.items():
+        with timed(f"{split}: label-free measures of {len(store)} held-out images"):
+            result.setdefault("label_free", {})[split] = label_free.measures(
+                initial, embed(net, store, mean, projection, options))
+        log.info("%s, label-free: %s", EVALUATIONS[split], result["label_free"][split])
     if retrieval is not None:
         result["retrieval"] = evaluate_retrieval(retrieval, net, mean, projection, options)
+    ran["retrieval"] = "" if retrieval is not None else "no ground truth"
+    ran["proxy"] = proxy_status(proxy, proxy_path)
+    result["evaluations"] = evaluations_line(ran)
+    log.info("evaluations: %s", result["evaluations"])
     artifacts.save_json(report_path, result)
     if metrics_path:
         artifacts.save_json(metrics_path, headline(result, proxy))
 
     sections = {split: result[split] for split in EVALUATIONS if split in result}
+    if not sections:  # the folder is a DVC output: say why it holds no curve
+        artifacts.save_json(plots_dir / "recall_at_k" / "no_labels.json",
+                            {"recall_at_k": [], "evaluations": result["evaluations"]})
     for split, section in sections.items():
         artifacts.save_json(plots_dir / "recall_at_k" / f"{split}.json", {"recall_at_k": recall_series(ks, section)})
     if sections:
         artifacts.save_figure(plots_dir / "recall_at_k.png", recall_figure(ks, sections))
+    else:  # no labels: the same file shows the label-free comparison
+        artifacts.save_figure(plots_dir / "recall_at_k.png", label_free_figure(result, proxy))
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")
@@ -215,21 +256,52 @@ def load_start(path: Path, net) -> torch.nn.Module:
     return start_net
 
 
-def open_labeled(folder: Path) -> ImageStore | None:
-    """The split's store when prepare wrote it with labels on every item, else ``None`` (logged)."""
-    if not split_written(folder):
-        return None
-    store = ImageStore.open(folder)
-    if len(store) == 0:
-        return None
+def read_splits(prepared: Path, features_dir: Path) -> tuple[dict, dict, dict]:
+    """Every held-out split's store and initial features, read before any
+    embedding: ``(labelled, unlabeled, ran)``. Labelled splits get Recall@K, NMI
+    and F1; unlabeled ones the label-free measures (:mod:`mom.label_free`);
+    ``ran`` maps each evaluation to ``""`` (runs) or why it does not."""
+    labeled, unlabeled, ran = {}, {}, {}
+    for split in EVALUATIONS:
+        store = ImageStore.open(prepared / split) if split_written(prepared / split) else None
+        if store is None or len(store) == 0:
+            ran[split] = "no images"
+            continue
+        reason = unlabeled_reason(store, prepared / split)
+        ran[f"R@K/NMI {split}"] = reason
+        if not reason:
+            labeled[split] = (store, load_initial(features_dir / f"{split}.npy", len(store)))
+            continue
+        ran[f"label-free {split}"] = "" if len(store) >= 3 else "under 3 images"
+        if len(store) >= 3:
+            unlabeled[split] = (store, load_initial(features_dir / f"{split}.npy", len(store)))
+    return labeled, unlabeled, ran
+
+
+def unlabeled_reason(store: ImageStore, folder: Path) -> str:
+    """``""`` when every item of the split is labelled, in two or more classes,
+    else why Recall@K / NMI cannot run there (logged)."""
     if (store.labels < 0).any():
-        log.info("%s: %d of %d items unlabeled: no Recall@K / NMI here", folder, int((store.labels < 0).sum()), len(store))
-        return None
-    classes = len(np.unique(store.labels))
-    if classes < 2:
+        log.info("%s: %d of %d items unlabeled: no Recall@K / NMI here", folder, int((store.labels < 0).sum()),
+                 len(store))
+        return "unlabeled"
+    if len(np.unique(store.labels)) < 2:
         log.info("%s: one class only: no Recall@K / NMI here", folder)
-        return None
-    return store
+        return "one class"
+    return ""
+
+
+def proxy_status(proxy: dict | None, proxy_path) -> str:
+    if proxy is None:
+        return "no report given"
+    return "" if any(split in proxy for split in EVALUATIONS) else "no evaluation split"
+
+
+def evaluations_line(ran: dict[str, str]) -> str:
+    """One line for the metrics file: which evaluations ran, and why the others did not."""
+    done = [name for name, reason in ran.items() if not reason]
+    skipped = [f"{name} ({reason})" for name, reason in ran.items() if reason]
+    return f"ran: {', '.join(done) or 'none'}; not run: {', '.join(skipped) or 'none'}"
 
 
 def evaluate_fine_grained(split, store, initial, networks_to_score, ks, options) -> dict:

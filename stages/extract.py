@@ -29,7 +29,7 @@ import click
 import numpy as np
 import torch
 
-from mom import artifacts, distributed
+from mom import artifacts, autosize, distributed
 from mom.backbones import BACKBONES, channels_of
 from mom.errors import InputError
 from mom.extraction import AGGREGATIONS, embed_store, shard_items
@@ -38,7 +38,7 @@ from mom.metrics import recall_at_k
 from mom.networks import build_network, make_meta
 from mom.pooling import POOLINGS
 from mom.whitening import apply_whitening, learn_pca_whitening
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -52,6 +52,9 @@ def validate(options: dict) -> None:
     """One-line :class:`InputError` for any option out of range, before heavy work."""
     scales = options["scales"]
     require(len(scales) > 0, "--scales: give at least one input resolution (longer side in pixels)")
+    if any(autosize.is_auto(scale) for scale in scales):
+        require(len(scales) == 1, f"--scales: auto stands alone (one resolution from the images), got {list(scales)}")
+        scales = ()
     require(all(1 <= s <= MAX_SCALE for s in scales), f"--scales: each must be in 1..{MAX_SCALE}, got {list(scales)}")
     require(len(set(scales)) == len(scales), f"--scales: repeated value in {list(scales)}")
     require(options["gem_p"] > 0, f"--gem_p: must be positive, got {options['gem_p']}")
@@ -121,8 +124,9 @@ def pca_whiten_all(features: dict[str, np.ndarray], dim: int) -> dict[str, np.nd
 @click.option("--pooling", type=click.Choice(POOLINGS), default="gem", show_default=True)
 @click.option("--gem_p", type=float, default=3.0, show_default=True,
               help="GeM exponent (pooling gem; also the exponent of aggregation gem)")
-@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
-              help="input resolution: longer image side in pixels (repeat for multi-scale)")
+@click.option("--scales", type=AUTO_INT, multiple=True, default=("auto",), show_default=True,
+              help="input resolution: longer image side in pixels (repeat for multi-scale); auto: from the "
+                   "training images' median side (mom/autosize.py)")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="sum", show_default=True,
               help="how descriptors of several scales are combined")
 @click.option("--batch_size", type=int, default=128, show_default=True)
@@ -149,6 +153,12 @@ def extract(stores: dict[str, ImageStore | None], out_dir: Path, options: dict, 
         torch.set_num_threads(options["threads"])
     meta = make_meta(options["backbone"], options["pooling"], options["gem_p"])
     net = build_network(meta, weights=options["weights"] or None, download=options["download_weights"])
+    sizes: dict = {}
+    options["scales"] = autosize.resolve_scales("extract.scales", options["scales"], lambda: stores["train"].shapes,
+                                                sizes)
+    if ctx.is_main:
+        log_auto(sizes)
+    options["auto_sizes"] = sizes
     log.info("%s + %s, %d dims, scales %s on %s, %d torch threads, %d process(es) (%s)", meta["backbone"],
              meta["pooling"], meta["dim"], list(options["scales"]), ctx.device, torch.get_num_threads(), ctx.world_size,
              ctx.backend or "no process group")
@@ -189,6 +199,7 @@ def summary(meta: dict, options: dict, timings: dict) -> dict:
         "seconds": round(seconds, 3),
         "images_per_second": round(count / seconds, 1) if seconds else None,
         "splits": timings,
+        "auto_sizes": options.get("auto_sizes", {}),
     }
 
 

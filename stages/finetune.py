@@ -46,20 +46,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from mom import artifacts, distributed, extraction, hdml, metrics, networks, training, tuples
+from mom import artifacts, autosize, distributed, extraction, hdml, metrics, networks, training, tuples
 from mom.artifacts import tables
 from mom.training_log import write_training_log
 from mom.errors import InputError
 from mom.imagestore import ImageStore
 from mom.tuples import build_pools, unit_mean_weights
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -134,12 +134,15 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--head_init", default="pca", show_default=True,
               help="FC head initialization: pca (PCA of the pooled training descriptors, unsupervised) | "
                    "pca_whiten (the same, whitened) | random")
-@click.option("--image_size", type=int, default=64, show_default=True, help="Training input side in pixels.")
-@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
-              help="Longer image side(s) at which whiten/evaluate embed with this network (recorded in model.pt).")
+@click.option("--image_size", type=AUTO_INT, default="auto", show_default=True,
+              help="Training input side in pixels; auto: from the training images' median side (mom/autosize.py).")
+@click.option("--scales", type=AUTO_INT, multiple=True, default=("auto",), show_default=True,
+              help="Longer image side(s) at which whiten/evaluate embed with this network (recorded in model.pt); "
+                   "auto: [image_size].")
 @click.option("--aggregation", default="sum", show_default=True, help="Multi-scale aggregation for those: sum | gem")
 @click.option("--epochs", type=int, default=8, show_default=True)
-@click.option("--batch_size", type=int, default=training.TrainingConfig.batch_size, show_default=True)
+@click.option("--batch_size", type=AUTO_INT, default="auto", show_default=True,
+              help="Tuples per SGD step; auto: from the number of anchors (mom/autosize.py).")
 @click.option("--lr", type=float, default=0.001, show_default=True)
 @click.option("--momentum", type=float, default=training.TrainingConfig.momentum, show_default=True)
 @click.option("--weight_decay", type=float, default=training.TrainingConfig.weight_decay, show_default=True)
@@ -178,8 +181,9 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
          supervision, pseudo_labels):
     require(batch_size_embed >= 1, f"batch_size_embed: must be at least 1, got {batch_size_embed}")
     distributed.check_device(device)
+    auto_batch = autosize.is_auto(batch_size)
     config = training.TrainingConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
+        epochs=epochs, batch_size=1 if auto_batch else batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step,
         lr_gamma=lr_gamma, loss=loss, margin=margin, weighted=weighted, negatives_nearest=negatives_nearest,
         seed=seed, embed_batch_size=batch_size_embed, npair_l2=npair_l2)
     try:
@@ -192,9 +196,11 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
     require(head_dim >= 0, f"head_dim: must be >= 0 (0 = no head), got {head_dim}")
     require(head_init in training.HEAD_INITS,
             f"head_init: must be one of {', '.join(training.HEAD_INITS)}, got {head_init!r}")
-    require(image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
+    require(autosize.is_auto(image_size) or image_size >= 16, f"image_size: must be >= 16 pixels, got {image_size}")
     require(threads >= 0, f"threads: must be >= 0, got {threads}")
-    require(len(scales) > 0 and min(scales) >= 16, f"scales: need one or more sizes >= 16 pixels, got {list(scales)}")
+    scales_given = [] if any(autosize.is_auto(scale) for scale in scales) and len(scales) == 1 else list(scales)
+    require(len(scales) > 0 and all(not autosize.is_auto(s) and s >= 16 for s in scales_given),
+            f"scales: need one or more sizes >= 16 pixels (or auto alone), got {list(scales)}")
     require(aggregation in extraction.AGGREGATIONS,
             f"aggregation: must be one of {', '.join(extraction.AGGREGATIONS)}, got {aggregation!r}")
     require(not (aggregation == "gem" and head_dim), "aggregation: gem needs non-negative descriptors (head_dim 0)")
@@ -207,12 +213,20 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         raise InputError(f"backbone/pooling: {error}") from None
 
     train_store = ImageStore.open(train_dir)
+    sizes: dict = {}
+    image_size, scales = resolve_input_sizes(image_size, scales, train_store, sizes)
     weight_scale = None
     if supervision == "labels":
-        pools, class_labels = labeled_source(train_store, train_dir, loss, batch_size, negatives_nearest)
+        if auto_batch:
+            config = replace(config, batch_size=autosize.resolve("finetune.batch_size", "auto", len(train_store), sizes))
+        pools, class_labels = labeled_source(train_store, train_dir, loss, config.batch_size, negatives_nearest)
     else:
         pools, weight_scale = read_mined_pools(pools_path, anchors_path, len(train_store), weighted)
         class_labels = None
+        if auto_batch:
+            config = replace(config, batch_size=autosize.resolve("finetune.batch_size", "auto", len(pools.anchors),
+                                                                 sizes))
+    log_auto(sizes)
     use_val = validate and str(val_dir) not in ("", ".")
     val_store = ImageStore.open(val_dir) if use_val else None
     if val_store is not None and len(np.unique(val_store.labels)) < 2:
@@ -244,7 +258,18 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         hdml_run = HDMLRun(synthesis_config, supervision, class_labels, pseudo_labels)
         train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
               batch_size_embed, head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation,
-              out_dir, weight_scale, hdml_run)
+              out_dir, weight_scale, hdml_run, sizes)
+
+
+def resolve_input_sizes(image_size, scales, train_store, sizes: dict) -> tuple[int, list[int]]:
+    """``image_size`` and ``scales`` as ints: ``auto`` from the training images'
+    median side (mom/autosize.py); ``scales`` auto = ``[image_size]``."""
+    if autosize.is_auto(image_size):
+        image_size = autosize.resolve_scales("finetune.image_size", ["auto"], lambda: train_store.shapes, sizes)[0]
+    if len(scales) == 1 and autosize.is_auto(scales[0]):
+        sizes["finetune.scales"] = {"value": [int(image_size)], "rule": "[finetune.image_size]"}
+        return int(image_size), [int(image_size)]
+    return int(image_size), [int(scale) for scale in scales]
 
 
 @dataclass(frozen=True)
@@ -328,7 +353,7 @@ def labeled_source(train_store, train_dir: Path, loss: str, batch_size: int, neg
 
 def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size, batch_size_embed,
           head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation, out_dir, weight_scale,
-          hdml_run: HDMLRun):
+          hdml_run: HDMLRun, sizes: dict | None = None):
     """Build, fine-tune and (rank 0) write the network; every rank runs it."""
     if ctx.distributed:
         log.info("%d processes (%s)", ctx.world_size, ctx.backend)
@@ -393,6 +418,7 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
         "final_loss": history[-1]["loss"] if history else None,
         **({"processes": ctx.world_size} if ctx.distributed else {}),
         **({"device": ctx.device} if ctx.device != "cpu" else {}),
+        **({"auto_sizes": sizes} if sizes else {}),
     })
     checkpoint_path.unlink(missing_ok=True)
     distributed.barrier(ctx)

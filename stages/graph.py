@@ -25,18 +25,19 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from mom import artifacts
+from mom import artifacts, autosize
 from mom.artifacts import arrays, tables
 from mom.graph import (SEARCH_DEVICES, SEARCH_METHODS, SearchSettings, check_features, check_k, graph_report,
                        knn_search, method_device, neighbours_per_item, reciprocal_graph, resolve_search_device,
                        search_recall, visible_gpus)
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
 
 @click.command(cls=StageCommand)
-@click.option("--k", type=click.IntRange(min=1), default=30, show_default=True, help="neighbourhood size NN_k (see --count_self)")
+@click.option("--k", type=AUTO_INT, default="auto", show_default=True,
+              help="neighbourhood size NN_k (see --count_self); auto: from the item count (mom/autosize.py)")
 @click.option("--count_self/--no-count_self", default=True, show_default=True,
               help="the item counts among its own k neighbours (authors' convention: k - 1 other items)")
 @click.option("--gamma", type=float, default=3.0, show_default=True, help="similarity power: a_ij = [y_i.y_j]_+^gamma")
@@ -66,6 +67,7 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
          hnsw_self_entry, ivf_nlist,
          ivf_nprobe, recall_sample, threads, seed, device, features_path, out_dir):
     """Build the reciprocal kNN graph, the kNN lists and the graph report."""
+    require(autosize.is_auto(k) or k >= 1, f"k={k}: must be at least 1 (or auto)")
     require(gamma > 0, f"gamma={gamma}: must be positive")
     for name, value in (("hnsw_m", hnsw_m), ("hnsw_ef_construction", hnsw_ef_construction),
                         ("hnsw_ef_search", hnsw_ef_search), ("ivf_nlist", ivf_nlist), ("ivf_nprobe", ivf_nprobe)):
@@ -77,7 +79,12 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
     with timed("checked features"):
         check_features(features, name=str(features_path))
     n = features.shape[0]
+    sizes: dict = {}
+    k = autosize.resolve("graph.k", k, n, sizes)
+    require(k >= 1, f"k={k}: must be at least 1")
+    require(k < n, autosize.too_large({"graph.k": k}, n, bound=f"< {n}"))
     check_k(k, n)
+    log_auto(sizes)
     require(neighbours_per_item(k, count_self) >= 1, f"k={k}: with --count_self k must be at least 2")
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -92,6 +99,7 @@ def main(k, count_self, gamma, search, exact_max_items, hnsw_m, hnsw_ef_construc
     report = {
         "convention": {"k": k, "count_self": count_self, "other_neighbours_per_item": int(ids.shape[1]),
                        "gamma": gamma},
+        "auto_sizes": sizes,
         **graph_report(adjacency),
         "search": {"method": method, "device": searched_on, "recall_sample": 0, "recall_at_k": None},
     }

@@ -24,13 +24,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mom import artifacts
+from mom import artifacts, autosize
 from mom.artifacts import arrays, tables
 from mom.graph import check_features, neighbours_of
 from mom.imagestore import ImageStore
 from mom.pools import (NEGATIVE_VARIANTS, POSITIVE_VARIANTS, pair_inner_products, pool_purity, pool_stats,
                        pool_variants, select_pools, stored_similarities)
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -57,10 +57,27 @@ def read_labels(prepared) -> np.ndarray | None:
     return ImageStore.open(prepared).labels
 
 
+def resolve_sizes(k_pos, k_neg, n: int, depth: int) -> tuple[int, int, dict]:
+    """``k_pos`` and ``k_neg`` as ints; ``auto`` from ``n`` (mom/autosize.py), at
+    most the ``depth`` of manifold neighbours stored per anchor."""
+    sizes: dict = {}
+    resolved = []
+    for name, value in (("mine.k_pos", k_pos), ("mine.k_neg", k_neg)):
+        size = autosize.resolve(name, value, n, sizes)
+        if name in sizes and size > depth >= 1:
+            size = depth
+            sizes[name].update(value=size, capped_at_manifold_depth=depth)
+        resolved.append(size)
+    log_auto(sizes)
+    return resolved[0], resolved[1], sizes
+
+
 @click.command(cls=StageCommand)
-@click.option("--k_pos", type=int, default=50, show_default=True, help="P+ = NN_k_pos^m minus NN_k_pos^e")
-@click.option("--k_neg", type=int, default=2000, show_default=True,
-              help="P- = NN_k_neg^e minus NN_k_neg^m (capped at n/2; retrieval at 1M: 10000)")
+@click.option("--k_pos", type=AUTO_INT, default="auto", show_default=True,
+              help="P+ = NN_k_pos^m minus NN_k_pos^e; auto: from the item count (mom/autosize.py)")
+@click.option("--k_neg", type=AUTO_INT, default="auto", show_default=True,
+              help="P- = NN_k_neg^e minus NN_k_neg^m (capped at n/2; retrieval at 1M: 10000); auto: from the item "
+                   "count, at most the manifold neighbours diffuse kept")
 @click.option("--positive_cap", type=int, default=50, show_default=True)
 @click.option("--negative_cap", type=int, default=50, show_default=True)
 @click.option("--positives", type=click.Choice(POSITIVE_VARIANTS), default="manifold", show_default=True,
@@ -84,14 +101,17 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
     """Mine the positive and negative pools and report their purity."""
     for name, value in (("k_pos", k_pos), ("k_neg", k_neg), ("positive_cap", positive_cap),
                         ("negative_cap", negative_cap), ("baseline_k", baseline_k)):
-        require(value >= 1, f"{name}={value}: must be at least 1")
+        require(autosize.is_auto(value) or value >= 1, f"{name}={value}: must be at least 1")
     features = arrays.read_features(features_path, mmap=True)
     n = features.shape[0]
-    k_neg_used = min(k_neg, n // 2)
-    require(k_pos < n and baseline_k < n, f"k_pos={k_pos}, baseline_k={baseline_k}: must be below the item count {n}")
     anchors = tables.read_anchors(anchors_path, n_items=n, owner=str(features_path))
     manifold = tables.read_manifold_knn(manifold_path, n_items=n, anchors=anchors, owner=str(features_path))
     manifold_ids, manifold_values = tables.manifold_neighbour_matrix(manifold_path, manifold, anchors)
+    k_pos, k_neg, sizes = resolve_sizes(k_pos, k_neg, n, manifold_ids.shape[1])
+    k_neg_used = min(k_neg, n // 2)
+    require(k_pos < n, autosize.too_large({"mine.k_pos": k_pos, "diffuse.k": None}, n,
+                                          bound=f"mine.k_pos < {n} items, <= diffuse.k"))
+    require(baseline_k < n, f"baseline_k={baseline_k}: must be below the item count {n}")
     depth = max(k_pos, k_neg_used)
     require(manifold_ids.shape[1] >= depth,
             f"{manifold_path}: at most {manifold_ids.shape[1]} manifold neighbours per anchor, mine needs {depth} "
@@ -109,7 +129,7 @@ def main(k_pos, k_neg, positive_cap, negative_cap, positives, negatives, baselin
                                  negative_cap, baseline_k, seed)
     positive, negative = select_pools(positives, negatives, variants)
     report = {"written": {"positives": positives, "negatives": negatives},
-              "anchors": int(len(anchors)), "k_pos": k_pos, "k_neg": k_neg_used,
+              "anchors": int(len(anchors)), "k_pos": k_pos, "k_neg": k_neg_used, "auto_sizes": sizes,
               "labelled_items": int((labels >= 0).sum()) if labels is not None else 0}
     for name, pool in variants.items():
         report[name] = pool_stats(pool, len(anchors))

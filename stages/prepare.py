@@ -20,7 +20,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from mom import artifacts
+from mom import artifacts, autosize
 from mom.datasets import PreparedDataset
 from mom.datasets.benchmarks import RETRIEVAL_SOURCES, prepare_retrieval
 from mom.datasets.cars import prepare_cars
@@ -30,7 +30,7 @@ from mom.datasets.folder import prepare_folder
 from mom.datasets.sop import prepare_sop
 from mom.errors import InputError
 from mom.imagestore import ImageStore, write_image_store
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -81,6 +81,8 @@ def load_source(options: dict) -> PreparedDataset:
             workers=options["workers"],
             query_root=options["query_root"] or None,
             ground_truth=options["ground_truth"] or None,
+            holdout=options["holdout"],
+            seed=options["seed"],
         )
     if source in CATEGORY_SOURCES:
         return CATEGORY_SOURCES[source](options["root"], download=options["download"], **_file_options(options))
@@ -155,6 +157,9 @@ def write_splits(dataset: PreparedDataset, out_dir: Path) -> dict:
               help="folder: the first sub-folder name is the class (evaluation only)")
 @click.option("--max_side", type=int, default=512, show_default=True,
               help="folder: downscale images whose longer side exceeds this (0 = keep)")
+@click.option("--holdout", type=AUTO_INT, default="auto", show_default=True,
+              help="folder without test_root: images of root held out as new_images, never mined or trained on "
+                   "(auto: mom/autosize.py; 0 = none)")
 @click.option("--test_root", default="", show_default=True,
               help="folder: optional directory of test images, split into new_images and new_classes by class (empty = none)")
 @click.option("--query_root", default="", show_default=True,
@@ -176,6 +181,8 @@ def main(**options):
     require(options["max_side"] >= 0, f"max_side: must be >= 0 (0 = keep the size), got {options['max_side']}")
     require(options["workers"] >= 0, f"--workers: must be >= 0 (0 = all cores), got {options['workers']}")
     require(options["seed"] >= 0, f"seed: must be an integer >= 0, got {options['seed']}")
+    require(autosize.is_auto(options["holdout"]) or options["holdout"] >= 0,
+            f"holdout: must be >= 0 (0 = none) or auto, got {options['holdout']}")
     options["workers"] = options["workers"] or os.cpu_count() or 1
     out_dir = Path(options.pop("out_dir"))
     dataset = load_source(options)

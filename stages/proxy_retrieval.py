@@ -37,13 +37,13 @@ import click
 import numpy as np
 import torch
 
-from mom import artifacts, distributed, extraction, networks, whitening
+from mom import artifacts, autosize, distributed, extraction, networks, whitening
 from mom import proxy_retrieval as proxy
 from mom.augment import LEVELS
 from mom.backbones import BACKBONES
 from mom.imagestore import ImageStore, split_written
 from mom.pooling import POOLINGS
-from stages._cli import StageCommand, require, stage_command, timed
+from stages._cli import AUTO_INT, StageCommand, log_auto, require, stage_command, timed
 
 log = logging.getLogger("mom")
 
@@ -66,8 +66,10 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
     ks = list(options["precision_ks"])
     require(ks and min(ks) >= 1, f"--precision_ks: one or more positive integers, got {ks}")
     scales = list(options["scales"])
-    require(scales and all(1 <= s <= MAX_SCALE for s in scales) and len(set(scales)) == len(scales),
-            f"--scales: one or more distinct sizes in 1..{MAX_SCALE}, got {scales}")
+    numbers = [] if len(scales) == 1 and autosize.is_auto(scales[0]) else scales
+    require(scales and all(not autosize.is_auto(s) and 1 <= s <= MAX_SCALE for s in numbers)
+            and len(set(scales)) == len(scales),
+            f"--scales: one or more distinct sizes in 1..{MAX_SCALE} (or auto alone), got {scales}")
     require(options["backbone"] in BACKBONES, f"--backbone: one of {', '.join(BACKBONES)}, got {options['backbone']!r}")
     require(options["pooling"] in POOLINGS, f"--pooling: one of {', '.join(POOLINGS)}, got {options['pooling']!r}")
     require(options["gem_p"] > 0, f"--gem_p: must be positive, got {options['gem_p']}")
@@ -78,8 +80,9 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
     distributed.check_device(options["device"])
 
 
-def open_split(path: Path, objects: int) -> ImageStore | None:
-    """The split's image store, or ``None`` (logged) when prepare wrote none or it is too small."""
+def open_split(path: Path) -> ImageStore | None:
+    """The split's image store, or ``None`` (logged) when prepare wrote none or it is too small.
+    ``objects`` is a cap: a smaller split gives all its items as objects."""
     if not split_written(path):
         log.info("%s: prepare wrote no such split; skipped", path)
         return None
@@ -87,8 +90,15 @@ def open_split(path: Path, objects: int) -> ImageStore | None:
     if len(store) < 2:
         log.info("%s: %d items; the benchmark needs at least 2; skipped", path, len(store))
         return None
-    require(objects <= len(store), f"--objects: at most the {len(store)} items of {path}, got {objects}")
     return store
+
+
+def training_shapes(prepared: Path, stores: dict) -> np.ndarray:
+    """Image shapes the auto input size is measured on: the train split's, as
+    extract measures them (an evaluation split's when prepare wrote no train split)."""
+    if split_written(prepared / "train"):
+        return ImageStore.open(prepared / "train").shapes
+    return next(iter(stores.values())).shapes
 
 
 def load_finetuned(model_path: str, whitening_path: str, options: dict):
@@ -152,15 +162,17 @@ def _raw_side(benchmark) -> int | None:
 
 
 @click.command(cls=StageCommand)
-@click.option("--objects", type=int, default=500, show_default=True, help="held-out items used as objects (0 = all)")
+@click.option("--objects", type=int, default=500, show_default=True,
+              help="held-out items used as objects, at most (0 = all; a smaller split gives all its items)")
 @click.option("--views_in_database", type=int, default=4, show_default=True, help="database views per object")
 @click.option("--levels", multiple=True, default=("strong", "mild"), show_default=True,
               help=f"augmentation levels ({', '.join(LEVELS)}); repeat the option")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="object choice and every augmentation")
 @click.option("--raw_pixels/--no-raw_pixels", default=True, show_default=True, help="also rank by raw pixels")
 @click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
-@click.option("--scales", type=int, multiple=True, default=(64,), show_default=True,
-              help="initial network's input sizes (longer side); keep equal to extract.scales")
+@click.option("--scales", type=AUTO_INT, multiple=True, default=("auto",), show_default=True,
+              help="initial network's input sizes (longer side); keep equal to extract.scales (auto: the same "
+                   "rule, from the train split's images)")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0 = torch's default)")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="as extract.backbone")
 @click.option("--weights", default="", show_default=True, help="as extract.weights ('' = the default source)")
@@ -184,9 +196,16 @@ def main(prepared: Path, model_path: str, whitening_path: str, report_path: Path
     validate(options, model_path, whitening_path)
     require((prepared / "report.json").is_file(),
             f"--prepared: {prepared / 'report.json'}: file not found (not an output of prepare; run it first)")
-    stores = {split: open_split(prepared / split, options["objects"]) for split in EVALUATION_SPLITS}
+    stores = {split: open_split(prepared / split) for split in EVALUATION_SPLITS}
     stores = {split: store for split, store in stores.items() if store is not None}
+    sizes: dict = {}
+    if stores:
+        options["scales"] = autosize.resolve_scales("proxy_retrieval.scales", options["scales"],
+                                                    lambda: training_shapes(prepared, stores), sizes)
+        log_auto(sizes)
     result = header(options, model_path, whitening_path)
+    if sizes:
+        result["auto_sizes"] = sizes
     if not stores:
         log.warning("%s: no evaluation split (%s); nothing to benchmark", prepared, ", ".join(EVALUATION_SPLITS))
         artifacts.save_json(report_path, result | {"skipped": f"{prepared}: no evaluation split"})

@@ -91,3 +91,12 @@ def test_all_and_random_strategies():
 def test_bad_options_are_errors(strategy, count):
     with pytest.raises(InputError):
         select_anchors(knn_graph(), strategy, count)
+
+
+def test_strategy_auto_is_all_up_to_the_defaults_size_then_random():
+    from mom.anchors import ALL_ANCHORS_MAX_ITEMS, resolve_strategy
+
+    assert ALL_ANCHORS_MAX_ITEMS == 6000  # the embedded default keeps every item an anchor
+    assert resolve_strategy("auto", 6000) == "all" and resolve_strategy("auto", 60) == "all"
+    assert resolve_strategy("auto", 6001) == "random"
+    assert resolve_strategy("stationary", 10) == "stationary"

@@ -150,9 +150,9 @@ def non_finite_values(path: Path) -> list[str]:
     raise AssertionError(f"unexpected output {path}")
 
 
-def assert_all_outputs_finite(out: Path, count: int = 8) -> None:
+def assert_all_outputs_finite(out: Path, count: int = 9) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(files) == count, files  # graph 3, anchors 1, diffuse 2, mine 2
+    assert len(files) == count, files  # graph 3, anchors 2 (parquet, report), diffuse 2, mine 2
     bad = {str(p.relative_to(out)): non_finite_values(p) for p in files}
     assert not any(bad.values()), bad
 
@@ -241,7 +241,7 @@ def test_a_collection_of_constant_images_is_refused_by_mine_in_one_line(tmp_path
     isolated; no anchor can have k_neg manifold neighbours and mine says so
     (naming the options) instead of mining from ties. Earlier outputs finite."""
     out = run_mining(tmp_path, constant_images(), stages=3)
-    assert_all_outputs_finite(out, count=6)
+    assert_all_outputs_finite(out, count=7)  # graph 3, anchors 2, diffuse 2
     t = tables_without_pools(out)
     assert t["graph"]["isolated_nodes"] == 20 - K and t["graph"]["components"]["count_without_isolated"] == 1
     assert sum(t["anchors"]["probability"]) == pytest.approx(1.0)

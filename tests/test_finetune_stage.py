@@ -333,6 +333,8 @@ def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(train
     for name in ("recall_at_k.png", "training.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     headline = artifacts.load_json(tmp_path / "metrics.json")
+    assert headline.pop("evaluations") == report["evaluations"]
+    assert report["evaluations"] == "ran: R@K/NMI new_images, R@K/NMI new_classes; not run: retrieval (no ground truth), proxy (no report given)"
     assert headline == {split: {version: {key: report[split][version][key] for key in ("recall_at_1", "recall_at_8", "nmi")}
                                 for version in ("initial", "finetuned")} for split in ("new_images", "new_classes")}
     for split in ("new_images", "new_classes"):

@@ -229,3 +229,32 @@ def test_rank_database_orders_by_similarity():
     database = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
     queries = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
     assert metrics.rank_database(queries, database).tolist() == [[1, 2, 0], [0, 2, 1]]
+
+
+def test_neighbour_overlap_against_brute_force():
+    rng = np.random.default_rng(3)
+    first, second = rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
+    k = 4
+
+    def brute(x):
+        distances = ((x[:, None] - x[None]) ** 2).sum(-1)
+        np.fill_diagonal(distances, np.inf)
+        return [set(np.argsort(row, kind="stable")[:k]) for row in distances]
+
+    expected = np.mean([len(a & b) / k for a, b in zip(brute(first), brute(second))])
+    assert metrics.neighbour_overlap(first, second, k) == pytest.approx(expected)
+    assert metrics.neighbour_overlap(first, first, k) == 1.0
+
+
+def test_manifold_agreement_against_brute_force():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 4))
+    manifold = np.array([rng.permutation(np.delete(np.arange(30), i))[:6] for i in range(30)])
+    manifold[0, 3:] = -1  # fewer manifold neighbours found
+    k = 5
+    distances = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(distances, np.inf)
+    expected = np.mean([len(set(np.argsort(distances[i])[:k]) & set(manifold[i, :k]) - {-1}) / k for i in range(30)])
+    assert metrics.manifold_agreement(x, manifold, k) == pytest.approx(expected)
+    exact = metrics.nearest_neighbours(x.astype(np.float32), k)
+    assert metrics.manifold_agreement(x, exact, k) == 1.0

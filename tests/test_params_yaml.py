@@ -57,13 +57,21 @@ def test_one_set_param_changes_exactly_one_line(tmp_path, override, key_line):
 def test_a_list_override_changes_only_that_list(tmp_path):
     copy = tmp_path / "params.yaml"
     shutil.copy(PARAMS, copy)
-    dvc_rewrite(copy, ["extract.scales=[64,96]"])
+    dvc_rewrite(copy, ["evaluate.ks=[1,2,4,8,16]"])
     before, after = PARAMS.read_text().splitlines(), copy.read_text().splitlines()
     assert len(after) == len(before) + 1
-    scales = after.index("  scales:                       # input resolution (longer side, px); several = multi-scale")
-    assert after[scales + 1:scales + 3] == ["  - 64", "  - 96"]
-    assert after[:scales + 2] + after[scales + 3:] == before
-    assert yaml.safe_load(copy.read_text())["extract"]["scales"] == [64, 96]
+    ks = after.index("  ks:                        # Recall@K")
+    assert after[ks + 1:ks + 6] == ["  - 1", "  - 2", "  - 4", "  - 8", "  - 16"]
+    assert after[:ks + 5] + after[ks + 6:] == before
+    assert yaml.safe_load(copy.read_text())["evaluate"]["ks"] == [1, 2, 4, 8, 16]
+
+
+def test_a_list_param_given_as_auto_and_back(tmp_path):
+    """extract.scales: auto (a string) -> a list by -S, the README's multi-scale commands."""
+    copy = tmp_path / "params.yaml"
+    shutil.copy(PARAMS, copy)
+    dvc_rewrite(copy, ["extract.scales=[224,317]"])
+    assert yaml.safe_load(copy.read_text())["extract"]["scales"] == [224, 317]
 
 
 def test_params_yaml_has_no_unread_section():

@@ -228,7 +228,6 @@ def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
 
 @pytest.mark.parametrize("extra, message", [
     (["--objects", "1"], "--objects"),
-    (["--objects", "11"], "--objects"),  # more than the 10 items of new_images
     (["--levels", "medium"], "--levels"),
     (["--views_in_database", "0"], "--views_in_database"),
     (["--precision_ks", "0"], "--precision_ks"),
@@ -242,3 +241,13 @@ def test_stage_rejects_bad_options_in_one_line(workspace, extra, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("proxy_retrieval: error: ") and message in lines[0]
     assert not (workspace / "never.json").exists()
+
+
+def test_objects_is_a_cap_on_a_smaller_split(workspace):
+    out = workspace / "capped.json"
+    result = CliRunner().invoke(stage.main, ["--prepared", str(workspace), "--model", "", "--whitening", "",
+                                             "--report", str(out), "--plots-dir", "", "--objects", "500",
+                                             "--levels", "mild", "--views_in_database", "1", "--no-raw_pixels"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["new_images"]["objects"] == 10  # every item of the 10-item split

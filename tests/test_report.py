@@ -209,3 +209,17 @@ def test_headline_keeps_only_what_a_user_compares():
     assert result["proxy_map"] == {"new_classes": {"strong": {"initial": 0.2, "finetuned": 0.3 + 0.1 + 0.02}}}, \
         "the whitened fine-tuned descriptors; no raw pixels"
     assert "proxy_map" not in headline(report)
+
+
+def test_headline_of_an_unlabeled_collection_holds_the_label_free_measures():
+    from mom.report import headline
+
+    report = {"label_free": {"new_images": {"items": 20, "k": 10, "initial": {"manifold_agreement_at_10": 0.4},
+                                            "finetuned": {"manifold_agreement_at_10": 0.5},
+                                            "neighbours_kept_at_10": 0.7}},
+              "evaluations": "ran: label-free on new_images; not run: retrieval mAP (no ground truth)"}
+    result = headline(report)
+    assert result == {"label_free": {"new_images": {"initial": {"manifold_agreement_at_10": 0.4},
+                                                    "finetuned": {"manifold_agreement_at_10": 0.5},
+                                                    "neighbours_kept_at_10": 0.7}},
+                      "evaluations": report["evaluations"]}

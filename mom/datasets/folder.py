@@ -19,6 +19,10 @@ Rules (the README repeats them):
   (classes the collection does not contain): with ``labels_from_folders`` an
   image whose class folder also occurs under ``root`` is a new image, one whose
   class does not is a new class; without labels every test image is a new image.
+  Without ``test_root`` (and without ``ground_truth``), ``holdout`` images of
+  ``root`` are held out as ``new_images`` (never in ``train``, so never mined
+  nor trained on), chosen among the sorted listing by a generator seeded with
+  ``seed`` (:func:`mom.autosize.holdout_items`); ``new_classes`` is empty.
 - Labels: unlabeled by default. With ``labels_from_folders`` the first
   sub-folder under the root is the class name; class ids are the sorted union
   of the names found under both roots (same name = same id); files directly in
@@ -58,6 +62,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mom import autosize
 from mom.datasets import PreparedDataset
 from mom.datasets.annotations import confined_paths
 from mom.datasets.images import (  # noqa: F401 - re-exported for callers of the folder source
@@ -105,6 +110,8 @@ def prepare_folder(
     workers: int = 1,
     query_root: str | Path | None = None,
     ground_truth: str | Path | None = None,
+    holdout: int | str = 0,
+    seed: int = 0,
 ) -> PreparedDataset:
     """The ``train`` split from ``root``, ``new_images`` and ``new_classes`` from
     ``test_root`` (or empty), an empty ``val``; with ``ground_truth``, ``query``
@@ -124,6 +131,13 @@ def prepare_folder(
         names = {_first_folder(rel) for rel in train_listing[0] + test_listing[0]} - {None}
         class_ids = {name: index for index, name in enumerate(sorted(names))}
     dataset = PreparedDataset(source=SOURCE, splits={}, info={"classes": {str(i): n for n, i in class_ids.items()}})
+    if test_root is None and not ground_truth:
+        train_listing, held_out = carve_holdout(train_listing, holdout, seed, dataset.info)
+        _add_split(dataset, "train", root, train_listing, class_ids, max_side, workers)
+        dataset.splits["val"] = empty_split()
+        _add_split(dataset, "new_images", root, held_out, class_ids, max_side, workers)
+        dataset.splits["new_classes"] = empty_split()
+        return dataset
     _add_split(dataset, "train", root, train_listing, class_ids, max_side, workers)
     dataset.splits["val"] = empty_split()
     if ground_truth:
@@ -136,6 +150,26 @@ def prepare_folder(
     for split, listing in split_by_class(test_listing, collection_classes if labels_from_folders else None).items():
         _add_split(dataset, split, test_root, listing, class_ids, max_side, workers)
     return dataset
+
+
+def carve_holdout(listing, holdout: int | str, seed: int, info: dict) -> tuple[tuple[list, list], tuple[list, list]]:
+    """``(train listing, held-out listing)``: ``holdout`` of the candidate files
+    (``auto``: :func:`mom.autosize.auto_size` of ``prepare.holdout``) go to the
+    held-out listing; skipped files stay with train (reported once). Records the
+    choice in ``info["holdout"]``."""
+    candidates, skipped = listing
+    n = len(candidates)
+    chosen: dict = {}
+    count = autosize.resolve("prepare.holdout", holdout, n, chosen)
+    if count < 0 or count >= n:
+        raise InputError(f"holdout={count}: must be between 0 and {n - 1} (root holds {n} image files); "
+                         f"a value that works: -S prepare.holdout={autosize.auto_size('prepare.holdout', n)} (or auto)")
+    positions = set(autosize.holdout_items(n, count, seed).tolist())
+    info["holdout"] = {"count": count, "of": n, "seed": seed, "split": "new_images",
+                       **({"auto": chosen["prepare.holdout"]} if chosen else {})}
+    kept = [rel for i, rel in enumerate(candidates) if i not in positions]
+    held = [rel for i, rel in enumerate(candidates) if i in positions]
+    return (kept, skipped), (held, [])
 
 
 def split_by_class(listing, collection_classes: set[str] | None) -> dict[str, tuple[list, list]]:
