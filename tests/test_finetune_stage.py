@@ -335,7 +335,7 @@ def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(train
     headline = artifacts.load_json(tmp_path / "metrics.json")
     assert headline.pop("evaluations") == report["evaluations"]
     assert report["evaluations"] == "ran: R@K/NMI new_images, R@K/NMI new_classes; not run: retrieval (no ground truth), proxy (no report given)"
-    assert headline == {split: {version: {key: report[split][version][key] for key in ("recall_at_1", "recall_at_8", "nmi")}
+    assert headline == {split: {version: {key: report[split][version][key] for key in ("recall_at_1", "recall_at_8", "nmi", "f1")}
                                 for version in ("initial", "finetuned")} for split in ("new_images", "new_classes")}
     for split in ("new_images", "new_classes"):
         series = artifacts.load_json(tmp_path / "plots" / "recall_at_k" / f"{split}.json")["recall_at_k"]

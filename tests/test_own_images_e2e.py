@@ -124,7 +124,7 @@ def test_auto_sizes_fit_the_collection_and_are_reported(run):
     project, _, _, _ = run
     sizes = chosen_sizes(project)
     assert sizes["extract.scales"]["value"] == [224], "photographs: 224 px"
-    assert sizes["proxy_retrieval.scales"]["value"] == [224] and sizes["finetune.image_size"]["value"] == 224
+    assert sizes["proxy_retrieval.scales"]["value"] == [224] and sizes["finetune.image_size"]["value"] == [224]
     assert {name: sizes[name]["value"] for name in ("graph.k", "diffuse.k", "mine.k_neg", "mine.k_pos")} == {
         "graph.k": 16, "diffuse.k": 27, "mine.k_neg": 27, "mine.k_pos": 8}, "81 training images"
     assert sizes["finetune.batch_size"]["value"] >= 2
