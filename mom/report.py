@@ -146,6 +146,7 @@ class TableRow:
     name: str
     seeds: list[int]
     values: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std)
+    labels: str = "no"  # whether training used the labels: no | yes | k-means (pseudo-labels, no real labels)
 
 
 @dataclass
@@ -184,7 +185,16 @@ def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
         table.rows.append(_row(START_ROW, [], [cell_metrics(start, "start")], keys))
     for row in rows:
         table.rows.append(_row(row, list(seeds), [finetuned[cell_name(row, seed)] for seed in seeds], keys))
+        table.rows[-1].labels = labels_used([evaluations[cell_name(row, seed)] for seed in seeds])
     return table
+
+
+def labels_used(evaluations: list[dict]) -> str:
+    """``yes`` when any of the cells trained on the labels (supervision labels),
+    ``k-means`` when on pseudo-labels only, else ``no`` (as ``evaluate`` recorded
+    it from the model; a report without a ``training`` section is plain MoM)."""
+    used = {evaluation.get("training", {}).get("supervision", "none") for evaluation in evaluations}
+    return "yes" if "labels" in used else "k-means" if "kmeans" in used else "no"
 
 
 def _ordered_keys(metric_dicts) -> list[str]:
@@ -228,13 +238,13 @@ def format_value(value: tuple[float, float] | None) -> str:
 
 def _body(table: Table) -> list[list[str]]:
     """The table's cells as text: row name, number of seeds (— for a row that
-    does not depend on the seed), then each column's ``mean ± std``."""
-    return [[row.name, str(len(row.seeds)) if row.seeds else "—",
+    does not depend on the seed), labels used, then each column's ``mean ± std``."""
+    return [[row.name, str(len(row.seeds)) if row.seeds else "—", row.labels,
              *[format_value(row.values.get(key)) for key, _ in table.columns]] for row in table.rows]
 
 
 def to_markdown(table: Table, title: str = "") -> str:
-    header = ["row", "seeds", *[name for _, name in table.columns]]
+    header = ["row", "seeds", "labels used", *[name for _, name in table.columns]]
     lines = [title, ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
     lines += ["| " + " | ".join(cells) + " |" for cells in _body(table)]
@@ -243,14 +253,14 @@ def to_markdown(table: Table, title: str = "") -> str:
 
 def to_dict(table: Table) -> dict:
     """JSON form (DVC metrics): row -> column -> {mean, std}, plus the seeds."""
-    return {row.name: {"seeds": row.seeds, **{key: {"mean": mean, "std": std}
+    return {row.name: {"seeds": row.seeds, "labels_used": row.labels, **{key: {"mean": mean, "std": std}
                                               for key, (mean, std) in row.values.items()}}
             for row in table.rows}
 
 
 def to_figure(table: Table, title: str = ""):
     """The table drawn as a matplotlib figure (for a PNG)."""
-    header = ["row", "seeds", *[name for _, name in table.columns]]
+    header = ["row", "seeds", "labels used", *[name for _, name in table.columns]]
     body = _body(table)
     figure, axis = plt.subplots(figsize=(2.2 + 1.5 * len(header), 0.5 + 0.35 * (len(body) + 1)))
     axis.axis("off")

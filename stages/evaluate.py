@@ -210,7 +210,7 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     start_net = load_start(start_path, net) if str(start_path) not in ("", ".") else None
 
     result: dict = {"scales": options["scales"], "aggregation": options["aggregation"],
-                    "whitening": {"method": method, "dim": int(projection.shape[0])}}
+                    "whitening": {"method": method, "dim": int(projection.shape[0])}, "training": training_record(extra)}
     networks_to_score = {"finetuned": (net, mean, projection)}
     if start_net is not None:  # before training there is no whitening learned for it
         networks_to_score["start"] = (start_net, None, None)
@@ -247,6 +247,13 @@ def main(model_path, start_path, whitening_path, prepared, features_dir, log_pat
     if rows:
         artifacts.save_figure(plots_dir / "training.png", training_figure(rows))
     plt.close("all")
+
+
+def training_record(extra: dict) -> dict:
+    """How the model was trained, as finetune recorded it in model.pt: where its
+    tuples' classes came from and whether HDML synthesis ran (absent: plain MoM)."""
+    supervision, synthesis = str(extra.get("supervision", "none")), str(extra.get("synthesis", "none"))
+    return {"supervision": supervision, "labels_used": supervision == "labels", "synthesis": synthesis}
 
 
 def load_start(path: Path, net) -> torch.nn.Module:

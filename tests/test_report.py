@@ -90,31 +90,48 @@ def test_report_table_from_listed_cells_ignores_stale_files(grid_project):
     assert result.exit_code == 0, result.output
     rows = table_rows((grid_project / "reports" / "table1.md").read_text())
     header, body = rows[0], rows[2:]
-    assert header == ["row", "seeds", "new images R@1", "new images NMI", "new classes R@1", "new classes NMI",
-                      "new classes proxy mAP strong", "P+ purity", "P- purity"]
+    assert header == ["row", "seeds", "labels used", "new images R@1", "new images NMI", "new classes R@1",
+                      "new classes NMI", "new classes proxy mAP strong", "P+ purity", "P- purity"]
     assert [row[0] for row in body] == ["initial features", *ROWS], "initial row first, then the params' rows"
-    assert body[0][2:7] == ["60.00 ± 0.00", "50.00 ± 0.00", "40.00 ± 0.00", "30.00 ± 0.00", "20.00 ± 0.00"]
-    assert body[0][7:] == ["—", "—"]
+    assert [row[2] for row in body] == ["no", "no", "no"], "no cell says it trained on labels"
+    assert body[0][3:8] == ["60.00 ± 0.00", "50.00 ± 0.00", "40.00 ± 0.00", "30.00 ± 0.00", "20.00 ± 0.00"]
+    assert body[0][8:] == ["—", "—"]
     for r, row in enumerate(ROWS):
-        for column, key, offset in ((2, "recall_at_1", NEW_IMAGES_OFFSET), (3, "nmi", NEW_IMAGES_OFFSET),
-                                    (4, "recall_at_1", 0), (5, "nmi", 0)):
+        for column, key, offset in ((3, "recall_at_1", NEW_IMAGES_OFFSET), (4, "nmi", NEW_IMAGES_OFFSET),
+                                    (5, "recall_at_1", 0), (6, "nmi", 0)):
             values = [finetuned_values(r, seed)[key] + offset for seed in SEEDS]  # stale 0.99 cells must not count
             expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
             assert body[1 + r][column] == expected, (row, key)
         assert body[1 + r][1] == "3"
         maps = [0.3 + 0.1 * r + 0.01 * seed for seed in SEEDS]  # whitened fine-tuned descriptors
-        assert body[1 + r][6] == format_value((statistics.mean(maps), statistics.stdev(maps)))
+        assert body[1 + r][7] == format_value((statistics.mean(maps), statistics.stdev(maps)))
     euclidean = [0.6 + 0.01 * seed for seed in SEEDS]
     random = [0.8 - 0.02 * seed for seed in SEEDS]
-    assert body[1][7] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
-    assert body[1][8] == format_value((statistics.mean(random), statistics.stdev(random)))
-    assert body[2][7:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
+    assert body[1][8] == format_value((statistics.mean(euclidean), statistics.stdev(euclidean)))
+    assert body[1][9] == format_value((statistics.mean(random), statistics.stdev(random)))
+    assert body[2][8:] == ["40.00 ± 0.00", "96.00 ± 0.00"]
 
     table = artifacts.load_json(grid_project / "reports" / "table1.json")
     assert list(table) == ["initial features", *ROWS]
     values = [finetuned_values(1, seed)["recall_at_1"] for seed in SEEDS]
     assert table[ROWS[1]]["new_classes_recall_at_1"]["mean"] == pytest.approx(statistics.mean(values))
     assert table[ROWS[1]]["new_classes_recall_at_1"]["std"] == pytest.approx(statistics.stdev(values))
+    assert table[ROWS[1]]["labels_used"] == "no"
+
+
+@pytest.mark.parametrize("supervisions,shown", [
+    (["labels", "labels", "labels"], "yes"), (["kmeans", "kmeans", "kmeans"], "k-means"), (["none", None, "none"], "no")])
+def test_the_labels_used_column_says_what_evaluate_recorded_of_the_training(grid_project, supervisions, shown):
+    for seed, supervision in zip(SEEDS, supervisions):
+        path = grid_project / "metrics" / "grid" / f"{cell_name(ROWS[1], seed)}.json"
+        report = artifacts.load_json(path)
+        if supervision is not None:  # a report from before the training section: plain MoM
+            report["training"] = {"supervision": supervision, "labels_used": supervision == "labels", "synthesis": "hdml"}
+        artifacts.save_json(path, report)
+    assert run_report(grid_project).exit_code == 0
+    body = table_rows((grid_project / "reports" / "table1.md").read_text())[2:]
+    assert [row[2] for row in body] == ["no", "no", shown]
+    assert artifacts.load_json(grid_project / "reports" / "table1.json")[ROWS[1]]["labels_used"] == shown
 
 
 def test_report_has_the_untrained_start_row_when_given(grid_project):
@@ -126,7 +143,7 @@ def test_report_has_the_untrained_start_row_when_given(grid_project):
     assert result.exit_code == 0, result.output
     body = table_rows((grid_project / "reports" / "table1.md").read_text())[2:]
     assert [row[0] for row in body] == ["initial features", "untrained start", *ROWS]
-    assert body[1][1:6] == ["—", "30.00 ± 0.00", "40.00 ± 0.00", "10.00 ± 0.00", "20.00 ± 0.00"]
+    assert body[1][1:7] == ["—", "no", "30.00 ± 0.00", "40.00 ± 0.00", "10.00 ± 0.00", "20.00 ± 0.00"]
     assert (grid_project / "reports" / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,8 +159,8 @@ def test_proxy_column_only_when_every_listed_cell_has_it(grid_project):
     (grid_project / "metrics" / "grid_proxy" / f"{cell_name(ROWS[1], 1)}.json").unlink()
     assert run_report(grid_project).exit_code == 0
     header = table_rows((grid_project / "reports" / "table1.md").read_text())[0]
-    assert header == ["row", "seeds", "new images R@1", "new images NMI", "new classes R@1", "new classes NMI",
-                      "P+ purity", "P- purity"]
+    assert header == ["row", "seeds", "labels used", "new images R@1", "new images NMI", "new classes R@1",
+                      "new classes NMI", "P+ purity", "P- purity"]
 
 
 def test_a_listed_cell_without_metrics_is_a_one_line_error(grid_project):
@@ -172,7 +189,7 @@ def test_columns_only_where_every_cell_has_the_metric():
     table = build_table(["a"], [0, 1], evaluations)
     assert [key for key, _ in table.columns] == ["new_classes_recall_at_1"]
     assert table.rows[1].values["new_classes_recall_at_1"] == pytest.approx(mean_std([0.5, 0.7]))
-    assert "| a | 2 | 60.00 ± 14.14 |" in to_markdown(table)
+    assert "| a | 2 | no | 60.00 ± 14.14 |" in to_markdown(table)
 
 
 def test_retrieval_map_columns_and_purity_of_the_written_variants():
