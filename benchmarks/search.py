@@ -7,6 +7,10 @@ and the exact index's load and search time at larger sizes.
    (``--json``), an item query with a contact sheet, one query file, and
    ``--files`` query files in one call (seconds per query). Query files are
    test items written as PNG.
+   Then ``--stdin``, the way to ask many questions one at a time: one process
+   answering the ``--files`` files and as many items one line after another:
+   the first answer's time from process start, and the median time from a
+   line written to its answer for the files and for the items.
 2. ``faiss.IndexFlatIP`` of random unit vectors: reading the index file and
    answering one query (top 10), for each ``--sizes`` x ``--dims`` (memory:
    4 * n * d bytes), to show where exact search stops being fast enough.
@@ -16,6 +20,7 @@ and the exact index's load and search time at larger sizes.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -34,10 +39,14 @@ from mom import search  # noqa: E402
 from mom.imagestore import ImageStore  # noqa: E402
 
 
+def data_paths(data: Path) -> list:
+    return ["--index-dir", data / "index", "--prepared", data / "prepared", "--model", data / "finetune" / "model.pt",
+             "--whitening", data / "whiten" / "whitening.npz"]
+
+
 def command_seconds(args: list[str], data: Path, repeats: int) -> float:
     """Median wall time of the whole command (process start to exit)."""
-    paths = ["--index-dir", data / "index", "--prepared", data / "prepared", "--model", data / "finetune" / "model.pt",
-             "--whitening", data / "whiten" / "whitening.npz"]
+    paths = data_paths(data)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -71,6 +80,37 @@ def time_command(data: Path, repeats: int, count: int) -> None:
         for name, args, queries in rows:
             seconds = command_seconds(args, data, repeats)
             print(f"{name:24s} {seconds:6.2f} s per call, {seconds / queries:6.2f} s per query")
+    time_stdin(data, count, split)
+
+
+def stdin_seconds(data: Path, lines: list[str]) -> list[float]:
+    """Seconds to each answer of one ``--stdin`` process: the first from process start, the others from
+    the moment their line was written (one line at a time, each after the previous answer)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "stages.search", "--stdin", "--json", *map(str, data_paths(data))],
+                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    seconds = []
+    for line in lines:
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+        answer = process.stdout.readline()
+        if not answer or "error" in json.loads(answer):
+            raise SystemExit(f"--stdin: no answer to {line}: {answer.strip()}")
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    process.stdin.close()
+    process.wait()
+    return seconds
+
+
+def time_stdin(data: Path, count: int, split: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        files = [str(file) for file in query_files(data, Path(folder), count)]
+        items = [f"{split}:{item}" for item in range(1, count + 1)]
+        seconds = stdin_seconds(data, files + items)
+    print(f"--stdin: first answer (a file) {seconds[0]:.2f} s after process start; then per query (median): "
+          f"file {statistics.median(seconds[1:count]):.3f} s, item {statistics.median(seconds[count:]):.3f} s")
 
 
 def time_exact_index(sizes, dims) -> None:
@@ -99,7 +139,8 @@ def time_exact_index(sizes, dims) -> None:
 @click.command()
 @click.option("--data", default="data", show_default=True, help="a finished pipeline's data folder ('none': skip)")
 @click.option("--repeats", default=5, show_default=True, help="runs of each command (median kept)")
-@click.option("--files", "count", default=10, show_default=True, help="query files in the batch call")
+@click.option("--files", "count", type=click.IntRange(min=2), default=10, show_default=True,
+              help="query files in the batch call (and lines of the --stdin run)")
 @click.option("--sizes", multiple=True, type=int, default=(100_000, 1_000_000), show_default=True)
 @click.option("--dims", multiple=True, type=int, default=(64,), show_default=True)
 def main(data: str, repeats: int, count: int, sizes, dims) -> None:

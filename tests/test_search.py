@@ -281,7 +281,8 @@ def bad_files(folder: Path) -> dict[str, str]:
     (("--item", "new_classes:12"), "--item new_classes:12: id out of range (new_classes has items 0..11)"),
     (("--item", "test"), "--item 'test': expected <split>:<id>"),
     (("--item", "train:3", "--k", "36"), "k=36: must be in 1..35"),
-    ((), "give a query: --query <image file> or --item <split>:<id>"),
+    ((), "give a query: --query <image file> or --item <split>:<id> (or --stdin)"),
+    (("--stdin", "--item", "train:1"), "--stdin: reads its queries from standard input"),
     (("--item", "train:1", "--item", "train:2", "--sheet", "x.png"), "--sheet: draws one query"),
 ])
 def test_bad_item_queries_fail_in_one_line(collection, args, message):
@@ -328,6 +329,35 @@ def test_the_command_line_process_answers_an_item_and_errors_with_exit_2(collect
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "search: error: --item train:99: id out of range (train has items 0..23)"
+
+
+def test_stdin_answers_each_line_as_the_one_shot_command_does_and_goes_on_after_a_bad_one(collection, tmp_path):
+    Image.fromarray(ImageStore.open(collection / "prepared" / "new_classes")[3][:, :, 0]).save(tmp_path / "q.png")
+    lines = ["train:7", str(tmp_path / "missing.png"), "", str(tmp_path / "q.png"), "new_classes:99", "new_classes:2"]
+    result = CliRunner().invoke(search_command.main, search_args(collection, "--stdin", "--json", "--k", "4"),
+                                input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(answers) == 5
+    assert answers[1] == {"query": str(tmp_path / "missing.png"),
+                          "error": f"--query {tmp_path / 'missing.png'}: file not found"}
+    assert answers[3]["query"] == "new_classes:99" and "id out of range" in answers[3]["error"]
+    for answer, args in ((answers[0], ("--item", "train:7")), (answers[2], ("--query", tmp_path / "q.png")),
+                         (answers[4], ("--item", "new_classes:2"))):
+        one_shot = run_search(collection, *args, "--json", "--k", "4")
+        assert one_shot.exit_code == 0, one_shot.output
+        assert answer == json.loads(one_shot.stdout)["queries"][0]
+    assert answers[2]["finetuned"][0]["item"] == 3
+
+
+def test_stdin_text_answers_and_one_line_errors(collection):
+    result = CliRunner().invoke(search_command.main, search_args(collection, "--stdin", "--k", "2"),
+                                input="train:0\nval:1\n")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("query train:0  train/000.png\n  fine-tuned:")
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == ["search: error: line 2: no such file: val:1 (nor an indexed item: give <split>:<id> of "
+                      "train, new_classes)"]
 
 
 @pytest.mark.slow
