@@ -75,14 +75,43 @@ def anchor_set_of(row: dict) -> str | None:
     return name
 
 
+def is_hdml_axis(row: dict) -> bool:
+    """A row of the HDML comparison: a head, labels, or HDML synthesis (the MoM rows have none)."""
+    tuned = row["finetune"]
+    return bool(tuned.get("head_dim") or tuned.get("supervision", "none") != "none"
+                or tuned.get("synthesis", "none") != "none")
+
+
 def test_params_grid_is_the_papers_table_1():
-    fine_grained = [row for row in ROWS if anchor_set_of(row) is None]
+    fine_grained = [row for row in ROWS if anchor_set_of(row) is None and not is_hdml_axis(row)]
     assert {(r["mine"]["positives"], r["mine"]["negatives"], r["finetune"]["weighted"]) for r in fine_grained} == TABLE_1
     assert len(SEEDS) == 3 and len(set(SEEDS)) == 3
-    for row in ROWS:
+    for row in (row for row in ROWS if not is_hdml_axis(row)):
         weighted = "_weighted" if row["finetune"]["weighted"] else ""
         anchors = "" if anchor_set_of(row) is None else f"anchors-{anchor_set_of(row)}_"
         assert row["name"] == f"{anchors}pos-{row['mine']['positives']}_neg-{row['mine']['negatives']}{weighted}"
+
+
+def test_the_hdml_rows_are_hdmls_table_1_and_mom_with_and_without_synthesis_on_one_head():
+    axis = [row for row in ROWS if is_hdml_axis(row)]
+    assert {row["finetune"]["head_dim"] for row in axis} == {512}, "one head for every row compared"
+    supervised = {(row["finetune"].get("loss", "triplet"), row["finetune"].get("synthesis", "none")): row
+                  for row in axis if row["finetune"].get("supervision") == "labels"}
+    assert set(supervised) == {(loss, synthesis) for loss in ("triplet", "npair") for synthesis in ("none", "hdml")}
+    for (loss, synthesis), row in supervised.items():
+        assert row["name"] == f"labels_{'hdml-' if synthesis == 'hdml' else ''}{loss}"
+        assert row["finetune"]["weighted"] is False
+    unsupervised = [row for row in axis if row["finetune"].get("supervision", "none") != "labels"]
+    assert [row["name"] for row in unsupervised] == ["head-512_pos-manifold_neg-manifold_weighted",
+                                                     "hdml-kmeans_head-512_pos-manifold_neg-manifold_weighted"]
+    recipes = [{key: value for key, value in row["finetune"].items() if not key.startswith(("hdml_", "synthesis",
+                                                                                           "supervision"))}
+               for row in unsupervised]
+    assert recipes[0] == recipes[1] and unsupervised[0]["mine"] == unsupervised[1]["mine"], \
+        "MoM + HDML differs from MoM by the synthesis only"
+    for row in axis:
+        if row["finetune"].get("synthesis") == "hdml":
+            assert isinstance(row["finetune"]["hdml_alpha"], float) and isinstance(row["finetune"]["hdml_beta"], float)
 
 
 def test_the_anchor_axis_compares_stationary_and_random_anchors_of_one_size_on_one_recipe():
