@@ -138,10 +138,10 @@ class QueryNetworks:
 
     def embed(self, queries: list[Query]) -> None:
         """Both networks' embeddings of the query files, as ``index`` embedded the collection."""
-        from mom import extraction, whitening
-
         if not queries:
             return
+        from mom import extraction, whitening  # torch: only when a file is to be embedded
+
         if self.loaded is None:
             self.load()
         net, mean, projection, initial_net = self.loaded

@@ -360,6 +360,16 @@ def test_stdin_text_answers_and_one_line_errors(collection):
                       "train, new_classes)"]
 
 
+def test_an_item_query_starts_no_torch(collection):
+    """Item queries answer from the stored vectors: no network, so not even torch is imported."""
+    code = ("import sys\nfrom stages import search\nsearch.main(sys.argv[1:], standalone_mode=False)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported for an item query'\n")
+    run = subprocess.run([sys.executable, "-c", code, *search_args(collection, "--item", "train:0", "--k", "2")],
+                         cwd=ROOT, env=tiny_pipeline.environment(ROOT), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("query train:0")
+
+
 @pytest.mark.slow
 def test_the_dvc_stage_writes_the_same_index(collection, tmp_path):
     """The index command as dvc.yaml renders it, run on the tiny collection, gives the same bytes."""
