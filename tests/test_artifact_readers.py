@@ -23,6 +23,13 @@ def one_line(error: pytest.ExceptionInfo, path) -> str:
     return message
 
 
+def assert_refused(read, path, expected: str, named=None, **options) -> str:
+    """``read(path, **options)`` raises an InputError matching ``expected``, one line naming ``named`` (``path``)."""
+    with pytest.raises(InputError, match=expected) as error:
+        read(path, **options)
+    return one_line(error, path if named is None else named)
+
+
 @pytest.fixture
 def features(tmp_path):
     values = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
@@ -37,18 +44,14 @@ def features(tmp_path):
 def test_npy_reader_refuses_foreign_and_empty_files(tmp_path, content, expected):
     path = tmp_path / "train.npy"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=expected) as error:
-        arrays.read_features(path)
-    one_line(error, path)
+    assert_refused(arrays.read_features, path, expected)
 
 
 def test_npy_reader_refuses_objects_without_loading_them(tmp_path):
     path = tmp_path / "train.npy"
     np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     for mmap in (False, True):
-        with pytest.raises(InputError, match="Python objects") as error:
-            arrays.read_features(path, mmap=mmap)
-        one_line(error, path)
+        assert_refused(arrays.read_features, path, "Python objects", mmap=mmap)
 
 
 def test_npy_reader_refuses_truncated_and_padded_files(tmp_path, features):
@@ -57,9 +60,7 @@ def test_npy_reader_refuses_truncated_and_padded_files(tmp_path, features):
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
     for mmap in (False, True):
-        with pytest.raises(InputError, match="truncated") as error:
-            arrays.read_features(path, mmap=mmap)
-        one_line(error, path)
+        assert_refused(arrays.read_features, path, "truncated", mmap=mmap)
     path.write_bytes(whole + b"\0" * 8)
     with pytest.raises(InputError, match="longer than its header"):
         arrays.read_features(path)
@@ -102,9 +103,7 @@ def test_adjacency_reader(tmp_path):
             arrays.read_adjacency(path)
     np.save(tmp_path / "features.npy", dense)
     (tmp_path / "features.npy").rename(path)  # an .npy where the .npz belongs
-    with pytest.raises(InputError, match="not an .npz archive") as error:
-        arrays.read_adjacency(path)
-    one_line(error, path)
+    assert_refused(arrays.read_adjacency, path, "not an .npz archive")
 
 
 def test_npz_reader_refuses_objects_and_missing_arrays(tmp_path):
@@ -126,9 +125,7 @@ def test_anchors_roundtrip_and_ids(tmp_path):
     path = tmp_path / "anchors.parquet"
     write_anchors(path)
     assert tables.read_anchors(path, n_items=4).tolist() == [3, 1, 2]
-    with pytest.raises(InputError, match="id 3 outside 0..2") as error:
-        tables.read_anchors(path, n_items=3)
-    one_line(error, path)
+    assert_refused(tables.read_anchors, path, "id 3 outside 0..2", n_items=3)
     write_anchors(path, (1, 1))
     with pytest.raises(InputError, match="listed twice"):
         tables.read_anchors(path)
@@ -146,9 +143,7 @@ def test_table_contract_is_checked(tmp_path, change, expected):
     path = tmp_path / "anchors.parquet"
     write_anchors(path)
     pq.write_table(change(pq.read_table(path)), path)
-    with pytest.raises(InputError, match=expected) as error:
-        tables.read_anchors(path)
-    one_line(error, path)
+    assert_refused(tables.read_anchors, path, expected)
 
 
 def test_parquet_reader_refuses_text_truncation_and_empty(tmp_path):
@@ -158,9 +153,7 @@ def test_parquet_reader_refuses_text_truncation_and_empty(tmp_path):
     for content, expected in ((b"item,rank\n1,1\n", "not a Parquet file"), (whole[:-10], "truncated"),
                               (b"", "empty file")):
         path.write_bytes(content)
-        with pytest.raises(InputError, match=expected) as error:
-            tables.read_anchors(path)
-        one_line(error, path)
+        assert_refused(tables.read_anchors, path, expected)
 
 
 def test_manifold_and_pools_consistency_with_anchors(tmp_path):
@@ -189,9 +182,7 @@ def test_manifold_and_pools_consistency_with_anchors(tmp_path):
 def test_report_readers(tmp_path, text, expected):
     path = tmp_path / "report.json"
     path.write_bytes(text)
-    with pytest.raises(InputError, match=expected) as error:
-        reports.read_extract_report(path)
-    one_line(error, path)
+    assert_refused(reports.read_extract_report, path, expected)
 
 
 def test_proxy_report_reader_checks_the_numbers_the_headline_reads(tmp_path):
@@ -263,9 +254,7 @@ def test_training_log_is_checked_against_its_summary(tmp_path):
     loss = folder / "plots" / "metrics" / "loss.tsv"
     whole = loss.read_text()
     loss.write_text("\n".join(whole.splitlines()[:-1]) + "\n")  # the last epoch lost
-    with pytest.raises(InputError, match="differs from") as error:
-        read_training_log(folder)
-    one_line(error, loss)
+    assert_refused(read_training_log, folder, "differs from", named=loss)
     loss.unlink()
     with pytest.raises(InputError, match="file not found"):
         read_training_log(folder)
