@@ -175,6 +175,15 @@ def test_manifold_and_pools_consistency_with_anchors(tmp_path):
         tables.read_pools(pools, anchors=np.array([7]))
 
 
+def test_manifold_neighbours_at_one_rank_are_refused(tmp_path):
+    path = tmp_path / "manifold_knn.parquet"
+    tables.write_table(path, tables.MANIFOLD_KNN, {"anchor": [4, 4], "neighbour": [1, 2], "rank": [2, 2],
+                                                   "similarity": np.float32([0.9, 0.5])})
+    table = tables.read_manifold_knn(path, n_items=8, anchors=np.array([4]))
+    assert_refused(lambda p: tables.manifold_neighbour_matrix(p, table, np.array([4])), path,
+                   "two neighbours at the same rank")
+
+
 @pytest.mark.parametrize("text, expected", [
     (b"", "empty file"), (b"{\"backbone\": ", "not valid JSON"), (b"\xff\xfe\x00", "not UTF-8"),
     (b"[1, 2]", "expected a JSON object"), (b"{\"backbone\": \"x\", \"pooling\": \"gem\", \"scales\": [\"a\"]}", "scales"),

@@ -85,7 +85,7 @@ def test_nearest_agrees_with_brute_force_on_random_pools(monkeypatch):
         rows.append((anchor, int(members[0] + 1) % n, "positive", 1, 0.5))
     pools = tuples.build_pools(**pool_columns(rows))
     embeddings = rng.normal(size=(n, 4)).astype(np.float32)
-    monkeypatch.setattr(tuples, "_ANCHOR_BLOCK", 7)
+    monkeypatch.setattr(tuples, "_MEMBER_BLOCK", 7)
     nearest = tuples.nearest_pool_members(pools, embeddings, k=5)
     for row, anchor in enumerate(pools.anchors):
         members = [m for a, m, kind, _, _ in rows if a == anchor and kind == "negative"]
@@ -176,3 +176,19 @@ def test_labeled_pairs_leave_out_incomplete_groups():
         tuples.select_labeled_pairs(LABELS, np.random.default_rng(0), group_size=1)
     source = tuples.LabeledPairs(LABELS, 3)
     assert not source.needs_embeddings and source.items().tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+
+
+def test_nearest_does_not_depend_on_the_block_size(monkeypatch):
+    """The block only bounds memory: every block size gives the same members in the same order."""
+    rng = np.random.default_rng(5)
+    n = 300
+    rows = [(anchor, int(m), "negative", r + 1, 0.0)
+            for anchor in range(100) for r, m in enumerate(rng.choice(np.delete(np.arange(n), anchor), 30, replace=False))]
+    rows += [(anchor, (anchor + 1) % n, "positive", 1, 0.5) for anchor in range(100)]
+    pools = tuples.build_pools(**pool_columns(rows))
+    embeddings = rng.normal(size=(n, 96)).astype(np.float32)
+    results = []
+    for block in (1, 13, 64, 1000):
+        monkeypatch.setattr(tuples, "_MEMBER_BLOCK", block)
+        results.append(tuples.nearest_pool_members(pools, embeddings, k=10))
+    assert all(np.array_equal(results[0], other) for other in results[1:])
