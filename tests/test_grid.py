@@ -5,13 +5,15 @@ the grid, shown by scripts/with_grid.sh, reuses the root stages' outputs, that a
 key every row overrides is in no cell's command, and that a new seed runs only the
 new cells (real ``dvc repro ablations/dvc.yaml`` of one row on tiny data)."""
 import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from mom import artifacts
 from stages import evaluate, finetune, mine, proxy_retrieval, whiten
-from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, dvc_grid, dvc_run, make_project
+from tests.tiny_pipeline import HAVE_FASHION, ROOT, dvc, dvc_grid, dvc_run, environment, make_project
 
 GRID_FILE = "ablations/dvc.yaml"
 GRID_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "grid_proxy")
@@ -267,3 +269,36 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     ran = ran_stages(dvc_grid(project, "repro", GRID_FILE))
     assert sorted(ran) == sorted([*(f"{stage}@row0-7" for stage in GRID_STAGES), "report"]), ran
     assert f"| {first} | 2 |" in (project / "reports" / "table1.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
+def test_the_grid_runner_runs_cells_at_once_and_records_them_as_dvc_repro_would(tmp_path):
+    """scripts/grid.py (what scripts/repro.sh runs for the grid): two cells at once; DVC then
+    finds them up to date; a failing cell stops only its own later stages and is named."""
+    project = make_project(tmp_path)
+    first = ROWS[0]["name"]
+    set_params(project, grid={"rows": ROWS[:1], "seeds": [0, 1, 2], "anchor_sets": {"random": {"strategy": "random", "count": 5}}},
+               pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-1", "members": 2})
+    (project / "metrics" / "grid" / f"{first}_seed-2.json").mkdir(parents=True)  # evaluate cannot write there
+
+    def runner():
+        command = ["bash", "scripts/with_grid.sh", sys.executable, "scripts/grid.py", GRID_FILE, "--jobs", "2"]
+        return subprocess.run(command, cwd=project, env=environment(project), capture_output=True, text=True)
+
+    failed = runner()
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "3 cells to run (15 stages), 2 at once" in failed.stdout
+    assert "failed cells (the others are recorded): row0-2 at grid_evaluate@row0-2" in failed.stderr
+    assert "logs/grid/row0-2.log" in failed.stderr and (project / "logs" / "grid" / "row0-0.log").is_file()
+    assert "recorded 13 stages in dvc.lock" in failed.stdout  # 5 + 5 + mine, finetune, whiten of row0-2
+    status = dvc_grid(project, "status", GRID_FILE)
+    stale = {stage_name(line.rstrip(":")) for line in status.splitlines() if line and not line[0].isspace()}
+    assert stale == {"grid_evaluate@row0-2", "grid_proxy@row0-2", "report", "pool_figure"}, status
+
+    (project / "metrics" / "grid" / f"{first}_seed-2.json").rmdir()
+    second = runner()
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "1 cells to run (2 stages)" in second.stdout
+    assert sorted(ran_stages(second.stdout)) == ["pool_figure", "report"]  # only what reads the cells runs in dvc
+    assert "up to date" in dvc_grid(project, "status", GRID_FILE)
+    assert f"| {first} | 3 |" in (project / "reports" / "table1.md").read_text()

@@ -36,9 +36,10 @@ MINING_STAGES = ("prepare", "extract", "graph", "anchors", "diffuse", "mine")
 PIPELINES = ("dvc.yaml", "ablations/dvc.yaml")
 
 
-# Files of the project's DVC set-up: the grid hidden from the main pipeline (.dvcignore)
-# and the script that shows it for one command; .gitignore keeps checkpoints out of git.
-PROJECT_FILES = (".dvcignore", ".gitignore", "scripts/with_grid.sh")
+# Files of the project's DVC set-up: the grid hidden from the main pipeline (.dvcignore),
+# the script that shows it for one command and the one that runs its cells at once;
+# .gitignore keeps checkpoints out of git.
+PROJECT_FILES = (".dvcignore", ".gitignore", "scripts/with_grid.sh", "scripts/grid.py")
 
 
 def make_project(folder: Path, params: dict | None = None) -> Path:
