@@ -157,7 +157,7 @@ class Table:
 
 def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
                 purities: dict[str, dict] | None = None, proxies: dict[str, dict] | None = None,
-                start: dict | None = None) -> Table:
+                start: dict | None = None, start_proxy: dict | None = None) -> Table:
     """Table 1: the initial features first, then (when ``start``, an ``evaluate``
     report with a ``start`` section, is given) the untrained start of
     fine-tuning, then one row per grid row, each value the mean and std over
@@ -165,8 +165,10 @@ def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
 
     ``evaluations`` (and ``purities``, ``proxies``) map cell names to the stage reports; keys
     of other cells are ignored. A metric appears as a column only when every
-    cell has it. The initial row averages the cells' ``initial`` section (the
-    same features in every cell).
+    cell has it. The initial row is the ``initial`` section of ``start`` and
+    ``start_proxy`` (the main job's ``evaluate`` and ``proxy_retrieval`` reports:
+    the same features, settings and views as every cell, which therefore skip
+    them), or, without ``start``, the average of the cells' own ``initial`` sections.
     """
     cells = [cell_name(row, seed) for row in rows for seed in seeds]
     missing = [cell for cell in cells if cell not in evaluations]
@@ -176,13 +178,16 @@ def build_table(rows: list[str], seeds: list[int], evaluations: dict[str, dict],
     finetuned = {cell: cell_metrics(evaluations[cell], "finetuned")
                  | proxy_metrics(proxies.get(cell, {}), "finetuned")
                  | (pool_purities(purities[cell]) if cell in purities else {}) for cell in cells}
-    initial = {cell: cell_metrics(evaluations[cell], "initial") | proxy_metrics(proxies.get(cell, {}), "initial")
-               for cell in cells}
     keys = [key for key in _ordered_keys(finetuned.values()) if all(key in m for m in finetuned.values())]
     table = Table(columns=[(key, _header(key)) for key in keys], rows=[])
-    table.rows.append(_row(INITIAL_ROW, list(seeds), [initial[c] for c in cells], keys))
     if start is not None:
+        initial = cell_metrics(start, "initial") | proxy_metrics(start_proxy or {}, "initial")
+        table.rows.append(_row(INITIAL_ROW, [], [initial], keys))
         table.rows.append(_row(START_ROW, [], [cell_metrics(start, "start")], keys))
+    else:
+        initial_per_cell = [cell_metrics(evaluations[c], "initial") | proxy_metrics(proxies.get(c, {}), "initial")
+                            for c in cells]
+        table.rows.append(_row(INITIAL_ROW, list(seeds), initial_per_cell, keys))
     for row in rows:
         table.rows.append(_row(row, list(seeds), [finetuned[cell_name(row, seed)] for seed in seeds], keys))
         table.rows[-1].labels = labels_used([evaluations[cell_name(row, seed)] for seed in seeds])

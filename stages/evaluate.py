@@ -191,6 +191,9 @@ def load_initial(path: Path, n: int) -> np.ndarray:
               help="Longer image side(s) when embedding (default: those recorded in the model).")
 @click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
+@click.option("--initial/--no-initial", "score_initial", default=True, show_default=True,
+              help="score the initial features on labelled splits and retrieval (the Table 1 grid's cells "
+                   "skip them: its initial row comes from the main job's report)")
 @stage_command("evaluate")
 def main(model_path, start_path, whitening_path, prepared, features_dir, log_path, report_path, metrics_path, proxy_path,
          plots_dir, **options):
@@ -317,8 +320,9 @@ def evaluate_fine_grained(split, store, initial, networks_to_score, ks, options)
     seed, n_init = options["kmeans_seed"], options["kmeans_n_init"]
     section = {"items": len(store), "classes": classes,
                "kmeans": metrics.kmeans_description(classes, seed, n_init)}
-    with timed(f"{split}: initial features: Recall@K, NMI, F1"):
-        section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
+    if options["score_initial"]:
+        with timed(f"{split}: initial features: Recall@K, NMI, F1"):
+            section["initial"] = fine_grained_metrics(initial, labels, ks, seed, n_init)
     for name, (net, mean, projection) in networks_to_score.items():
         with timed(f"{split}: embedded {len(store)} items with the {EMBEDDINGS[name][0]} network, Recall@K, NMI, F1"):
             section[name] = fine_grained_metrics(embed(net, store, mean, projection, options), labels, ks, seed, n_init)
@@ -347,7 +351,7 @@ def evaluate_retrieval(inputs, net, mean, projection, options) -> dict:
     queries, database, table, protocols = (inputs[key] for key in ("queries", "database", "table", "protocols"))
     section = {"queries": len(queries), "database": len(database), "protocols": protocols}
     precision_ks = sorted(set(options["precision_ks"]))
-    if inputs["initial"] is not None:
+    if inputs["initial"] is not None and options["score_initial"]:
         section["initial"] = retrieval_metrics(*inputs["initial"], table, protocols, precision_ks)
     with timed("embedded queries and database with the fine-tuned network"):
         query_embeddings = embed(net, queries, mean, projection, options)

@@ -57,6 +57,8 @@ def validate(options: dict, model_path: str, whitening_path: str) -> None:
     """One-line InputError for any option out of range, before heavy work."""
     require(model_path or not whitening_path,
             "--whitening: needs --model (the whitening belongs to the fine-tuned network); give '' for neither")
+    require(model_path or options["score_initial"] or options["raw_pixels"],
+            "nothing to rank: --model '', --no-initial and --no-raw_pixels together")
     require(options["objects"] == 0 or options["objects"] >= 2,
             f"--objects: 0 (every item) or at least 2, got {options['objects']}")
     require(options["views_in_database"] >= 1, f"--views_in_database: at least 1, got {options['views_in_database']}")
@@ -140,9 +142,11 @@ def evaluate_level(benchmark, initial_net, finetuned, options) -> dict:
         side = _raw_side(benchmark)
         score("raw_pixels", proxy.raw_pixel_descriptors(benchmark.queries, side),
               proxy.raw_pixel_descriptors(benchmark.database, side))
-    with timed(f"{benchmark.level}: embedded {len(benchmark.queries) + len(benchmark.database)} views, initial network"):
-        score("initial", embed_views(initial_net, benchmark.queries, options["scales"], options["aggregation"], options),
-              embed_views(initial_net, benchmark.database, options["scales"], options["aggregation"], options))
+    if initial_net is not None:
+        views = len(benchmark.queries) + len(benchmark.database)
+        with timed(f"{benchmark.level}: embedded {views} views, initial network"):
+            score("initial", embed_views(initial_net, benchmark.queries, options["scales"], options["aggregation"], options),
+                  embed_views(initial_net, benchmark.database, options["scales"], options["aggregation"], options))
     if finetuned is not None:
         net, scales, aggregation, white = finetuned
         with timed(f"{benchmark.level}: embedded the views, fine-tuned network"):
@@ -169,6 +173,9 @@ def _raw_side(benchmark) -> int | None:
               help=f"augmentation levels ({', '.join(LEVELS)}); repeat the option")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="object choice and every augmentation")
 @click.option("--raw_pixels/--no-raw_pixels", default=True, show_default=True, help="also rank by raw pixels")
+@click.option("--initial/--no-initial", "score_initial", default=True, show_default=True,
+              help="also rank by the initial network (the Table 1 grid's cells skip it: its initial row comes "
+                   "from the main job's report)")
 @click.option("--precision_ks", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="mP@k")
 @click.option("--scales", type=AUTO_INT, multiple=True, default=("auto",), show_default=True,
               help="initial network's input sizes (longer side); keep equal to extract.scales (auto: the same "
@@ -213,8 +220,10 @@ def main(prepared: Path, model_path: str, whitening_path: str, report_path: Path
     finetuned = load_finetuned(model_path, whitening_path, options)
     if options["threads"]:
         torch.set_num_threads(options["threads"])
-    initial_net = networks.build_network(networks.make_meta(options["backbone"], options["pooling"], options["gem_p"]),
-                                         weights=options["weights"] or None)
+    initial_net = None
+    if options["score_initial"]:
+        initial_net = networks.build_network(networks.make_meta(options["backbone"], options["pooling"],
+                                                                options["gem_p"]), weights=options["weights"] or None)
     describe_finetuned(result, finetuned, model_path, whitening_path)
     for split, store in stores.items():
         result[split] = benchmark_split(split, store, initial_net, finetuned, options)

@@ -9,8 +9,11 @@ protocol when the dataset has a ground truth) and
 ``<grid-dir>/<cell>/mine/purity.json`` (pool purity, where labels exist) and,
 when it exists, ``<proxy-dir>/<cell>.json`` (proxy retrieval mAP per level; a
 column appears only when every listed cell has it).
-``--start-metrics`` (the main pipeline's evaluate report, reports/evaluate.json) gives the row of the
-untrained start of fine-tuning.
+``--start-metrics`` and ``--start-proxy`` (the main pipeline's evaluate and proxy_retrieval
+reports, reports/evaluate.json and reports/proxy_retrieval.json) give the rows of the initial
+features and of the untrained start of fine-tuning: the cells score neither (same features,
+settings and views in every cell). Without ``--start-metrics`` the initial row averages the
+cells' own ``initial`` sections.
 Writes ``--markdown`` and ``--png`` (the table: mean ± std over seeds in percent,
 the initial features first) and ``--json`` (the same numbers, DVC metrics).
 """
@@ -73,19 +76,25 @@ def read_cells(names, seeds, metrics_dir: Path, grid_dir: Path, proxy_dir: Path)
 @click.option("--grid-dir", type=click.Path(path_type=Path), default="data/grid", show_default=True)
 @click.option("--proxy-dir", type=click.Path(path_type=Path), default="metrics/grid_proxy", show_default=True)
 @click.option("--start-metrics", "start_path", type=click.Path(path_type=Path), default="reports/evaluate.json",
-              show_default=True, help="an evaluate report with the untrained start ('' = no such row)")
+              show_default=True, help="an evaluate report with the initial features and the untrained start "
+                                      "('' = the initial row from the cells, no start row)")
+@click.option("--start-proxy", "start_proxy_path", type=click.Path(path_type=Path),
+              default="reports/proxy_retrieval.json", show_default=True,
+              help="a proxy_retrieval report with the initial network's mAP ('' = none)")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default="reports/table1.md",
               show_default=True)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default="reports/table1.png", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default="reports/table1.json",
               show_default=True)
 @stage_command("report")
-def main(params_path, metrics_dir, grid_dir, proxy_dir, start_path, markdown_path, png_path, json_path):
+def main(params_path, metrics_dir, grid_dir, proxy_dir, start_path, start_proxy_path, markdown_path, png_path,
+         json_path):
     """Table 1 from the grid's cells, as Markdown, PNG and JSON."""
     names, seeds = read_grid(params_path)
     evaluations, purities, proxies = read_cells(names, seeds, metrics_dir, grid_dir, proxy_dir)
     start = reports.read_evaluation_report(start_path) if str(start_path) not in ("", ".") else None
-    table = build_table(names, seeds, evaluations, purities, proxies, start)
+    start_proxy = reports.read_proxy_report(start_proxy_path) if str(start_proxy_path) not in ("", ".") else None
+    table = build_table(names, seeds, evaluations, purities, proxies, start, start_proxy)
     markdown = to_markdown(table, f"**{TITLE}**")
     artifacts.save_text(markdown_path, markdown)
     artifacts.save_json(json_path, to_dict(table))

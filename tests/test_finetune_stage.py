@@ -346,6 +346,13 @@ def test_evaluate_compares_initial_start_and_finetuned_on_both_evaluations(train
     args[args.index("--report") + 1] = second
     assert CliRunner().invoke(evaluate.main, [str(a) for a in args]).exit_code == 0
     assert second.read_bytes() == (tmp_path / "report.json").read_bytes()
+    # --no-initial (the grid's cells): the same report without the initial features' sections
+    skipped = tmp_path / "no_initial.json"
+    args[args.index("--report") + 1] = skipped
+    assert CliRunner().invoke(evaluate.main, [str(a) for a in args] + ["--no-initial"]).exit_code == 0
+    for split in ("new_images", "new_classes"):
+        del report[split]["initial"]
+    assert artifacts.load_json(skipped) == report
 
 
 def embed_with(checkpoint, store):

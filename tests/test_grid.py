@@ -243,12 +243,17 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
     assert sorted(ran) == sorted([*UPSTREAM, *START_ROW_UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
                                   *(f"{stage}@row0-0" for stage in GRID_STAGES), "report", "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
-    assert f"| {first} | 1 |" in table and "| initial features | 1 |" in table
+    assert f"| {first} | 1 |" in table and "| initial features | — |" in table
     assert "new images R@1" in table and "new classes proxy mAP strong" in table and "P+ purity" in table
     assert (project / "reports" / "pools.png").stat().st_size > 0
     cell = artifacts.load_json(project / "metrics" / "grid" / f"{first}_seed-0.json")
     assert 0 <= cell["new_images"]["finetuned"]["recall_at_1"] <= 1
     assert 0 <= cell["new_classes"]["finetuned"]["recall_at_1"] <= 1
+    # the cells do not score the initial features again: Table 1's initial row is the main job's
+    assert "initial" not in cell["new_images"] and "initial" not in cell["new_classes"]
+    main_report = artifacts.load_json(project / "reports" / "evaluate.json")
+    initial_row = artifacts.load_json(project / "reports" / "table1.json")["initial features"]
+    assert initial_row["new_images_recall_at_1"]["mean"] == main_report["new_images"]["initial"]["recall_at_1"]
 
     # the cells' params are keys of the root params.yaml; the grid's metric is Table 1, not the cells
     lock = yaml.safe_load((project / "ablations" / "dvc.lock").read_text())["stages"]

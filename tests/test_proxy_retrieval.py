@@ -207,6 +207,15 @@ def test_stage_with_model_and_whitening_is_deterministic(workspace):
     assert set(rows) == {"initial", "finetuned", "finetuned_whitened"}
     assert rows["finetuned"] == rows["initial"] == rows["finetuned_whitened"]
     assert metrics["settings"]["finetuned"]["whitening"]["method"] == "none"
+    # --no-initial (the grid's cells): the same fine-tuned rows, without the initial network's
+    skipped = workspace / "no_initial.json"
+    result = run_stage(workspace, "--model", str(workspace / "model.pt"), "--whitening",
+                       str(workspace / "whitening.npz"), "--levels", "mild", "--no-raw_pixels", "--no-initial",
+                       "--report", str(skipped))
+    assert result.exit_code == 0, result.output
+    for split in ("new_images", "new_classes"):
+        expected = {name: row for name, row in metrics[split]["levels"]["mild"].items() if name != "initial"}
+        assert json.loads(skipped.read_text())[split]["levels"]["mild"] == expected
 
 
 def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
@@ -233,6 +242,7 @@ def test_stage_skips_when_prepare_wrote_no_evaluation_split(workspace):
     (["--precision_ks", "0"], "--precision_ks"),
     (["--backbone", "alexnet"], "--backbone"),
     (["--whitening", "w.npz", "--model", ""], "--whitening"),
+    (["--no-initial", "--no-raw_pixels"], "nothing to rank"),
 ])
 def test_stage_rejects_bad_options_in_one_line(workspace, extra, message):
     result = CliRunner().invoke(stage.main, ["--prepared", str(workspace), "--model", "", "--whitening", "",

@@ -67,7 +67,7 @@ def grid_project(tmp_path):
 def run_report(folder, *extra):
     args = ["--params", str(folder / "params.yaml"), "--metrics-dir", str(folder / "metrics" / "grid"),
             "--grid-dir", str(folder / "data" / "grid"), "--proxy-dir", str(folder / "metrics" / "grid_proxy"),
-            "--start-metrics", "", "--markdown", str(folder / "reports" / "table1.md"),
+            "--start-metrics", "", "--start-proxy", "", "--markdown", str(folder / "reports" / "table1.md"),
             "--png", str(folder / "reports" / "table1.png"), "--json", str(folder / "reports" / "table1.json"), *extra]
     return CliRunner().invoke(report_stage.main, args)
 
@@ -145,6 +145,37 @@ def test_report_has_the_untrained_start_row_when_given(grid_project):
     assert [row[0] for row in body] == ["initial features", "untrained start", *ROWS]
     assert body[1][1:7] == ["—", "no", "30.00 ± 0.00", "40.00 ± 0.00", "10.00 ± 0.00", "20.00 ± 0.00"]
     assert (grid_project / "reports" / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_initial_row_comes_from_the_main_reports_when_the_cells_skip_it(grid_project):
+    """The grid's cells run evaluate and proxy_retrieval with --no-initial: the initial
+    row is then the main job's (same features, settings and views), not an average of cells."""
+    for path in [*(grid_project / "metrics" / "grid").glob("*.json"), *(grid_project / "metrics" / "grid_proxy").glob("*.json")]:
+        report = artifacts.load_json(path)
+        for section in (report.get("new_images", {}), report.get("new_classes", {})):
+            section.pop("initial", None)
+            for level in section.get("levels", {}).values():
+                level.pop("initial"), level.pop("raw_pixels")
+        artifacts.save_json(path, report)
+    start = evaluation({"recall_at_1": 0.1, "nmi": 0.2})
+    for split in ("new_images", "new_classes"):
+        start[split]["start"] = start[split].pop("finetuned")
+        start[split]["initial"] = {"recall_at_1": 0.25, "nmi": 0.35}
+    main_proxy = proxy(0, 0)
+    main_proxy["new_classes"]["levels"]["strong"]["initial"] = {"map": 0.45}
+    artifacts.save_json(grid_project / "evaluate.json", start)
+    artifacts.save_json(grid_project / "proxy_retrieval.json", main_proxy)
+    result = run_report(grid_project, "--start-metrics", str(grid_project / "evaluate.json"),
+                        "--start-proxy", str(grid_project / "proxy_retrieval.json"))
+    assert result.exit_code == 0, result.output
+    table = artifacts.load_json(grid_project / "reports" / "table1.json")
+    assert list(table) == ["initial features", "untrained start", *ROWS]
+    initial = table["initial features"]
+    assert initial["seeds"] == [], "one report, not an average over seeds"
+    assert {key: value["mean"] for key, value in initial.items() if key.endswith(("recall_at_1", "nmi"))} == {
+        "new_images_recall_at_1": 0.25, "new_images_nmi": 0.35, "new_classes_recall_at_1": 0.25, "new_classes_nmi": 0.35}
+    assert initial["proxy_map_new_classes_strong"] == {"mean": 0.45, "std": 0.0}
+    assert table[ROWS[1]]["proxy_map_new_classes_strong"]["mean"] == pytest.approx(0.41)
 
 
 def test_report_is_deterministic(grid_project):
