@@ -11,7 +11,8 @@ would run, in the same order within a cell, and leaves DVC in the same state:
    stage's downstream stages in its cell run too);
 3. the cells run in lanes, one cell's stages after each other, each lane pinned to
    its own core (so torch and faiss use one thread, as in a serial run's numbers);
-4. `dvc commit` records each stage that succeeded in dvc.lock, as `dvc repro` would;
+4. `dvc commit` records each stage that succeeded in dvc.lock, as `dvc repro` would,
+   a cell as soon as it finishes (while the other lanes run);
 5. `dvc repro` runs what is left (report, pool_figure).
 
 A cell that fails stops only its own later stages: the others finish and are
@@ -49,6 +50,7 @@ class Cell:
     name: str                 # row<i>-<seed>
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, command) in run order
     done: list[str] = field(default_factory=list)
+    recorded: int = 0         # how many of ``done`` dvc commit recorded
     failed: str | None = None
     seconds: float = 0.0
 
@@ -157,6 +159,15 @@ def run_cell(cell: Cell, cores: Queue, log_dir: Path) -> Cell:
     return cell
 
 
+def record(cell: Cell) -> None:
+    """`dvc commit` the cell's finished stages not yet recorded (a cell's stages are
+    committed together: one DVC call per cell rather than per stage)."""
+    stages = cell.done[cell.recorded:]
+    if stages:
+        dvc("commit", "--force", "--quiet", *stages)
+        cell.recorded = len(cell.done)
+
+
 def run_cells(cells: list[Cell], jobs: int, log_dir: Path) -> None:
     """Run ``cells`` ``jobs`` at once; on Ctrl-C (which reaches the running stages too:
     they leave no partial outputs) start nothing more and re-raise."""
@@ -174,7 +185,8 @@ def run_cells(cells: list[Cell], jobs: int, log_dir: Path) -> None:
                 status = f"FAILED at {cell.failed} (log: {log_dir / cell.name}.log)" if cell.failed else "done"
                 print(f"grid: [{finished}/{len(cells)}] {cell.name} {status} in {cell.seconds:.0f} s "
                       f"({time.perf_counter() - started:.0f} s since the cells started)", flush=True)
-        except KeyboardInterrupt:
+                record(cell)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a dvc commit that failed
             stopping.set()
             for future in futures:
                 future.cancel()
@@ -210,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         run_cells(todo, jobs, Path(options.log_dir))
     except KeyboardInterrupt:
         interrupted = True
-    done = [stage for cell in todo for stage in cell.done]
-    if done:
-        dvc("commit", "--force", "--quiet", *done)
-        print(f"grid: recorded {len(done)} stages in dvc.lock", flush=True)
+    left = [stage for cell in todo for stage in cell.done[cell.recorded:]]  # cells cut off by Ctrl-C
+    if left:
+        dvc("commit", "--force", "--quiet", *left)
+    print(f"grid: recorded {sum(len(cell.done) for cell in todo)} stages in dvc.lock", flush=True)
     if interrupted:
         print("grid: interrupted; run it again to do the rest", file=sys.stderr)
         return 130
