@@ -412,10 +412,11 @@ class NetworkSuffix(torch.nn.Module):
         self.net, self.start = net, int(start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_from(x, self.start)
+        return self.net.forward_from(channels_last(x), self.start)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Trunk stages ``start..`` then pooling: the descriptor before the head ``(B, channels)``."""
+        x = channels_last(x)
         if self.start == 0:
             x = self.net.normalize(x)
         for block in self.net.trunk[self.start:]:
@@ -427,6 +428,11 @@ class NetworkSuffix(torch.nn.Module):
         if self.net.head is not None:
             pooled = self.net.head(pooled)
         return l2n(pooled)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Feature maps in the layout the network's convolutions run fastest in (NHWC)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def trainable_start(n_stages: int, trainable_blocks: int | None) -> int:
@@ -448,13 +454,14 @@ def split_for_finetuning(net: torch.nn.Module, trainable_blocks: int | None):
     for parameter in net.parameters():
         parameter.requires_grad_(True)
     frozen = torch.nn.Sequential(*[module for _, module in stages[:start]])
-    freeze(frozen).to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
-    net.eval()
+    freeze(frozen)
+    # ~1.5x faster convolutions on CPU, ~2x for the training steps of the last stages
+    net.to(memory_format=torch.channels_last).eval()
 
     def prefix(pixels: torch.Tensor) -> torch.Tensor:
         if start == 0:
             return pixels
-        normalized = net.normalize(pixels).contiguous(memory_format=torch.channels_last)
+        normalized = channels_last(net.normalize(pixels))
         return frozen(normalized).contiguous()
 
     return prefix, NetworkSuffix(net, start)
