@@ -213,6 +213,21 @@ def test_frozen_prefix_plus_trainable_suffix_is_the_network():
     assert everything.start == 0 and all(p.requires_grad for p in net.parameters())
 
 
+def test_fine_tuning_runs_in_channels_last_whatever_layout_its_input_has():
+    """NHWC halves a training step's time on a CPU (benchmarks/finetune_step.py); the
+    suffix takes cached prefix outputs in either layout and gives the same embedding."""
+    from mom import networks
+
+    net = networks.build_network(networks.make_meta("efficientnet_lite0", "gem", 3.0, None), seed=0)
+    prefix, suffix = training.split_for_finetuning(net, trainable_blocks=2)
+    convolutions = [p for p in suffix.parameters() if p.requires_grad and p.dim() == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    with torch.no_grad():
+        cached = prefix(torch.rand(3, 3, 32, 32) * 255)
+        nchw, nhwc = suffix(cached.contiguous()), suffix(cached.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(nchw, nhwc, atol=1e-6)
+
+
 def test_square_pixels_resize_and_replicate_gray():
     class Store:
         def __getitem__(self, item):
