@@ -10,7 +10,9 @@ would run, in the same order within a cell, and leaves DVC in the same state:
    through `dvc repro`; then `dvc status` says which cell stages changed (a changed
    stage's downstream stages in its cell run too);
 3. the cells run in lanes, one cell's stages after each other, each lane pinned to
-   its own core (so torch and faiss use one thread, as in a serial run's numbers);
+   its own core (so torch and faiss use one thread, as in a serial run's numbers),
+   the longest cells first (by their last full run, recorded in <log-dir>/seconds.json;
+   cells never timed go first), so that the lanes finish close together;
 4. `dvc commit` records each stage that succeeded in dvc.lock, as `dvc repro` would,
    a cell as soon as it finishes (while the other lanes run);
 5. `dvc repro` runs what is left (report, pool_figure).
@@ -42,6 +44,7 @@ CELL_STAGES = ("grid_mine", "grid_finetune", "grid_whiten", "grid_evaluate", "gr
 CELL_STAGE = re.compile(r"(?:.*:)?(?P<stage>" + "|".join(CELL_STAGES) + r")@(?P<cell>row\d+-\d+)$")
 # Stages of the grid file that read the cells' outputs: they run last, through dvc repro.
 AFTER_CELLS = ("report", "pool_figure")
+SECONDS_FILE = "seconds.json"  # in --log-dir: each cell's last full run, for the order of the next run
 CELL_MEMORY = 3 * 2 ** 30  # peak resident memory of one cell (finetune, 64 px): 2.7 GB measured
 
 
@@ -159,6 +162,39 @@ def run_cell(cell: Cell, cores: Queue, log_dir: Path) -> Cell:
     return cell
 
 
+def cell_order(cell: Cell) -> list[int]:
+    return [int(part) for part in cell.name[3:].split("-")]
+
+
+def longest_first(cells: list[Cell], seconds: dict[str, float]) -> list[Cell]:
+    """``cells`` with the never-timed ones first (their cost is unknown), then the
+    others by their recorded duration, longest first; ties in row and seed order."""
+    def key(cell: Cell):
+        recorded = seconds.get(cell.name)
+        return (recorded is not None, -(recorded or 0.0), cell_order(cell))
+    return sorted(cells, key=key)
+
+
+def read_seconds(path: Path) -> dict[str, float]:
+    try:
+        seconds = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: float(value) for name, value in seconds.items() if isinstance(value, (int, float))} \
+        if isinstance(seconds, dict) else {}
+
+
+def save_seconds(path: Path, cell: Cell) -> None:
+    """Record the duration of a cell that ran all its stages (a partial rerun's would mislead the order)."""
+    if cell.failed or len(cell.done) != len(CELL_STAGES):
+        return
+    seconds = read_seconds(path)
+    seconds[cell.name] = round(cell.seconds, 1)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(seconds, indent=1, sort_keys=True))
+    os.replace(partial, path)
+
+
 def record(cell: Cell) -> None:
     """`dvc commit` the cell's finished stages not yet recorded (a cell's stages are
     committed together: one DVC call per cell rather than per stage)."""
@@ -186,6 +222,7 @@ def run_cells(cells: list[Cell], jobs: int, log_dir: Path) -> None:
                 print(f"grid: [{finished}/{len(cells)}] {cell.name} {status} in {cell.seconds:.0f} s "
                       f"({time.perf_counter() - started:.0f} s since the cells started)", flush=True)
                 record(cell)
+                save_seconds(log_dir / SECONDS_FILE, cell)
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a dvc commit that failed
             stopping.set()
             for future in futures:
@@ -215,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         cell.stages = stages_to_run(cell, changed)
         if cell.stages:
             todo.append(cell)
-    todo.sort(key=lambda cell: [int(part) for part in cell.name[3:].split("-")])
+    todo = longest_first(todo, read_seconds(Path(options.log_dir) / SECONDS_FILE))
     print(f"grid: {len(todo)} cells to run ({sum(len(c.stages) for c in todo)} stages), {jobs} at once", flush=True)
     interrupted = False
     try:

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mom import artifacts, extraction, label_free, metrics, networks, whitening  # noqa: E402
+from mom import artifacts, extraction, label_free, metrics, networks, prefix_cache, whitening  # noqa: E402
 from mom.artifacts import arrays, reports, tables  # noqa: E402
 from mom.report import headline  # noqa: E402
 from mom.training_log import read_training_log  # noqa: E402
@@ -155,8 +155,11 @@ def training_figure(rows: list[dict]):
 
 
 def embed(net, store, mean, projection, options) -> np.ndarray:
-    raw = extraction.embed_store(net, store, scales=options["scales"], batch_size=options["batch_size"],
-                                 aggregation=options["aggregation"])
+    if options["prefix_cache"]:
+        raw = prefix_cache.embed_split(options["prefix_cache"], net, store, options["scales"], options["batch_size"])
+    else:
+        raw = extraction.embed_store(net, store, scales=options["scales"], batch_size=options["batch_size"],
+                                     aggregation=options["aggregation"])
     return raw if projection is None else whitening.apply_whitening(raw, mean, projection)
 
 
@@ -191,6 +194,8 @@ def load_initial(path: Path, n: int) -> np.ndarray:
               help="Longer image side(s) when embedding (default: those recorded in the model).")
 @click.option("--aggregation", default="", help="Multi-scale aggregation: sum | gem (default: the model's).")
 @click.option("--batch_size", type=int, default=128, show_default=True)
+@click.option("--prefix-cache", "prefix_cache", default="", show_default=True,
+              help="Folder of the prefix stage: embed from the frozen prefix's outputs there ('' = from pixels).")
 @click.option("--initial/--no-initial", "score_initial", default=True, show_default=True,
               help="score the initial features on labelled splits and retrieval (the Table 1 grid's cells "
                    "skip them: its initial row comes from the main job's report)")

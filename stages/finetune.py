@@ -53,7 +53,7 @@ import click
 import numpy as np
 import torch
 
-from mom import artifacts, autosize, distributed, extraction, hdml, metrics, networks, training, tuples
+from mom import artifacts, autosize, distributed, extraction, hdml, metrics, networks, prefix_cache, training, tuples
 from mom.artifacts import tables
 from mom.training_log import write_training_log
 from mom.errors import InputError
@@ -157,6 +157,8 @@ def make_validation(net_suffix_inputs, labels: np.ndarray, batch_size: int):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch_size_embed", type=int, default=256, show_default=True, help="Images per forward pass when embedding.")
 @click.option("--threads", type=int, default=0, show_default=True, help="torch CPU threads (0: torch's default).")
+@click.option("--prefix-cache", "prefix_cache_dir", default="", show_default=True,
+              help="Folder of the prefix stage: read the frozen prefix's outputs there ('' = compute them).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda[:N] (under torchrun with cuda: each process its LOCAL_RANK's GPU).")
 @click.option("--synthesis", default="none", show_default=True,
@@ -178,7 +180,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
          head_dim, head_init, trainable_blocks, image_size, scales, aggregation, epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma,
          loss, margin, weighted, negatives_nearest, validate, seed, batch_size_embed, threads, device,
          synthesis, hdml_alpha, hdml_beta, hdml_lambda, generator_lr, softmax_lr, generator_hidden, npair_l2,
-         supervision, pseudo_labels):
+         supervision, pseudo_labels, prefix_cache_dir):
     require(batch_size_embed >= 1, f"batch_size_embed: must be at least 1, got {batch_size_embed}")
     distributed.check_device(device)
     auto_batch = autosize.is_auto(batch_size)
@@ -258,7 +260,7 @@ def main(train_dir, val_dir, pools_path, anchors_path, out_dir, checkpoint_dir, 
         hdml_run = HDMLRun(synthesis_config, supervision, class_labels, pseudo_labels)
         train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size,
               batch_size_embed, head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation,
-              out_dir, weight_scale, hdml_run, sizes)
+              out_dir, weight_scale, hdml_run, sizes, prefix_cache_dir)
 
 
 def resolve_input_sizes(image_size, scales, train_store, sizes: dict) -> tuple[int, list[int]]:
@@ -353,7 +355,7 @@ def labeled_source(train_store, train_dir: Path, loss: str, batch_size: int, neg
 
 def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_store, image_size, batch_size_embed,
           head_dim, head_init, config, checkpoint_path, fingerprint, scales, aggregation, out_dir, weight_scale,
-          hdml_run: HDMLRun, sizes: dict | None = None):
+          hdml_run: HDMLRun, sizes: dict | None = None, prefix_cache_dir: Path | None = None):
     """Build, fine-tune and (rank 0) write the network; every rank runs it."""
     if ctx.distributed:
         log.info("%d processes (%s)", ctx.world_size, ctx.backend)
@@ -366,8 +368,9 @@ def train(ctx, meta, weights, seed, trainable_blocks, pools, train_store, val_st
              "all" if trainable_blocks is None else f"last {trainable_blocks}",
              sum(p.numel() for p in suffix.parameters() if p.requires_grad))
     items = pools.items()
+    cache = (prefix_cache_dir, net) if prefix_cache_dir else None
     train_inputs, val_inputs = _inputs(prefix, suffix.start, train_store, items, val_store, image_size, batch_size_embed,
-                                       ctx.device)
+                                       ctx.device, cache)
 
     explained = None
     if head_dim and head_init.startswith("pca"):
@@ -441,9 +444,12 @@ def kmeans_pseudo_labels(ctx, suffix, train_inputs, items, n_items, batch_size, 
     return distributed.broadcast_object(ctx, labels)
 
 
-def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size, device):
+def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size, device, cache=None):
     """Training (and validation) inputs on ``device``: the frozen prefix's outputs
-    cached once, or, when every stage trains, lazily loaded pixels."""
+    cached once (read from the ``prefix`` stage's folder ``cache`` = ``(folder, net)``
+    when given), or, when every stage trains, lazily loaded pixels."""
+    if cache is not None:
+        return _cached_inputs(*cache, start, train_store, items, val_store, image_size, device)
     train_pixels = training.SquarePixels(train_store, items, image_size, device)
     val_pixels = None
     if val_store is not None:
@@ -456,6 +462,17 @@ def _inputs(prefix, start, train_store, items, val_store, image_size, batch_size
     if val_pixels is not None:
         with timed(f"frozen prefix on {len(val_pixels)} validation items"):
             val_inputs = training.cache_prefix(prefix, val_pixels, batch_size, desc="prefix val")
+    return train_inputs, val_inputs
+
+
+def _cached_inputs(folder, net, start, train_store, items, val_store, image_size, device):
+    require(start > 0, "prefix-cache: every trunk stage trains (trainable_blocks: all): there is no frozen prefix")
+    with timed(f"read the frozen prefix's outputs from {folder}"):
+        train_inputs = prefix_cache.read_outputs(folder, train_store, net, start, image_size)
+        train_inputs = train_inputs[torch.from_numpy(np.asarray(items, dtype=np.int64))].to(device)
+        val_inputs = None
+        if val_store is not None:
+            val_inputs = prefix_cache.read_outputs(folder, val_store, net, start, image_size).to(device)
     return train_inputs, val_inputs
 
 

@@ -12,7 +12,7 @@ PAGES = sorted([ROOT / "README.md", ROOT / "DEVELOPERS.md", ROOT / "data" / "REA
 # Pages written on other branches: a link to them is accepted while they are absent.
 PENDING = {"docs/security.md", "docs/scale.md"}
 STAGES = ("prepare", "extract", "graph", "anchors", "diffuse", "mine", "finetune", "whiten", "evaluate",
-          "proxy_retrieval", "report", "pool_figure")
+          "proxy_retrieval", "prefix", "report", "pool_figure")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 

@@ -156,7 +156,7 @@ def test_bare_repro_runs_the_main_pipeline_only_and_the_grid_reuses_its_outputs(
     assert "grid" not in dvc(project, "status")
     # the grid's upstream are the root stages themselves (no prefix), and only those it reads
     grid_run = rendered_commands(project, GRID_FILE)
-    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *START_ROW_UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES,
+    assert {name.split("@")[0] for name in grid_run} == {*UPSTREAM, *START_ROW_UPSTREAM, *ANCHOR_STAGES, *GRID_STAGES, "grid_prefix",
                                                         "report", "pool_figure"}
     # one file for every knob: the grid reads the root params.yaml (no ablations/params.yaml)
     assert not (project / "ablations" / "params.yaml").exists()
@@ -241,7 +241,7 @@ def test_a_new_seed_runs_only_the_new_cells(tmp_path):
                pool_figure={"ours": f"{first}_seed-0", "baseline": f"{first}_seed-0", "members": 2})
     ran = ran_stages(dvc_grid(project, "repro", GRID_FILE))
     assert sorted(ran) == sorted([*UPSTREAM, *START_ROW_UPSTREAM, *(f"{stage}@random" for stage in ANCHOR_STAGES),
-                                  *(f"{stage}@row0-0" for stage in GRID_STAGES), "report", "pool_figure"]), ran
+                                  *(f"{stage}@row0-0" for stage in GRID_STAGES), "grid_prefix", "report", "pool_figure"]), ran
     table = (project / "reports" / "table1.md").read_text()
     assert f"| {first} | 1 |" in table and "| initial features | — |" in table
     assert "new images R@1" in table and "new classes proxy mAP strong" in table and "P+ purity" in table
@@ -307,3 +307,25 @@ def test_the_grid_runner_runs_cells_at_once_and_records_them_as_dvc_repro_would(
     assert sorted(ran_stages(second.stdout)) == ["pool_figure", "report"]  # only what reads the cells runs in dvc
     assert "up to date" in dvc_grid(project, "status", GRID_FILE)
     assert f"| {first} | 3 |" in (project / "reports" / "table1.md").read_text()
+
+
+def test_the_runner_starts_the_longest_cells_and_records_only_full_runs(tmp_path):
+    """scripts/grid.py orders cells by their last full run, longest first (the lanes then
+    finish close together), cells never timed first; a partial or failed run is not recorded."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import grid
+    finally:
+        sys.path.pop(0)
+    cells = [grid.Cell(name) for name in ("row0-0", "row0-1", "row1-0", "row2-0", "row10-0")]
+    order = grid.longest_first(cells, {"row0-0": 250.0, "row0-1": 260.0, "row1-0": 400.0, "row10-0": 400.0})
+    assert [cell.name for cell in order] == ["row2-0", "row1-0", "row10-0", "row0-1", "row0-0"]
+    path = tmp_path / grid.SECONDS_FILE
+    full = grid.Cell("row3-0", done=list(grid.CELL_STAGES), seconds=301.26)
+    partial = grid.Cell("row4-0", done=["grid_evaluate", "grid_proxy"], seconds=40.0)
+    failed = grid.Cell("row5-0", done=list(grid.CELL_STAGES[:2]), failed="grid_whiten", seconds=90.0)
+    for cell in (full, partial, failed):
+        grid.save_seconds(path, cell)
+    assert grid.read_seconds(path) == {"row3-0": 301.3}
+    path.write_text("not json")
+    assert grid.read_seconds(path) == {}
